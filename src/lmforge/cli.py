@@ -1,0 +1,78 @@
+"""The `lmforge` command. It finds the verb, parses that verb's Config (preset + YAML + --a.b overrides) and
+calls its run(cfg). No logic lives here; nothing imports this module.
+
+Each verb is one row: the words that name it, "module:ConfigClass:run_function", and a one-line summary.
+Modules load only when their verb runs, so `lmforge --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS: list[tuple[str, str, str]] = [
+    ("generate", "lmforge.inference.generate:GenerateConfig:run", "generate text from a model (streams to stdout)"),
+    ("tokenizer train", "lmforge.tokenizer.train:TrainTokenizerConfig:run", "train a byte-level BPE tokenizer on text files"),
+]
+
+
+def _usage() -> str:
+    width = max(len(name) for name, _, _ in COMMANDS)
+    lines = ["usage: lmforge VERB [options]   (lmforge VERB --help for a verb's options and defaults)", "",
+             "Pretrain, finetune, evaluate and serve Llama-family language models.", "", "verbs:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, _, summary in COMMANDS]
+    return "\n".join(lines)
+
+
+def _find(argv: list[str]) -> tuple[tuple[str, str, str] | None, list[str]]:
+    for n in (2, 1):
+        words = " ".join(argv[:n])
+        for row in COMMANDS:
+            if row[0] == words:
+                return row, argv[n:]
+    return None, argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for a hub name
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from lmforge import __version__
+
+        print(f"lmforge {__version__}")
+        return 0
+    row, rest = _find(argv)
+    if row is None:
+        group = [r for r in COMMANDS if r[0].split()[0] == argv[0]]
+        if group:
+            print(f"usage: lmforge {argv[0]} {{{','.join(r[0].split()[1] for r in group)}}} [options]\n", file=sys.stderr)
+            for name, _, summary in group:
+                print(f"  {name:<22}  {summary}", file=sys.stderr)
+            return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+        print(f"lmforge: unknown verb {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    name, target, summary = row
+    module_name, config_name, run_name = target.split(":")
+    from importlib import import_module
+
+    from lmforge.config import parse_config
+    from lmforge.errors import LmforgeError
+
+    try:
+        module = import_module(module_name)
+        cfg = parse_config(getattr(module, config_name), rest, prog=f"lmforge {name}", description=summary)
+        result = getattr(module, run_name)(cfg)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
