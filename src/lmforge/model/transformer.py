@@ -182,7 +182,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # a plain attribute, not a buffer: Module.to(bfloat16) must not round the rotary frequencies
+        self.inv_freq = rope_inv_freq(cfg)
         self.activation_checkpointing = False
 
     # ---- construction -------------------------------------------------------------------------------
@@ -197,8 +198,6 @@ class Transformer(nn.Module):
             s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * s)
-        with torch.no_grad():
-            self.inv_freq.copy_(rope_inv_freq(self.cfg))
 
     def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
         max_len = max_len or self.cfg.max_seq_len
@@ -207,6 +206,8 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # B T D/2 (or T D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)

@@ -1,0 +1,326 @@
+"""Hugging Face model directories <-> lmforge. The only module that knows HF's config.json keys.
+
+A checkpoint is a directory that transformers' AutoModelForCausalLM / AutoTokenizer load as they are:
+config.json, model.safetensors (or shards + model.safetensors.index.json), generation_config.json, tokenizer
+files, plus lmforge.json (format version and lineage) and, for resumable training, trainer_state/.
+
+Writes are atomic: everything goes into a temporary sibling directory that is renamed into place, so a
+killed run never leaves a checkpoint that looks whole but is not. Safetensors only; trainer state, which
+holds optimizer dicts, uses torch.save and is read back with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+# ---- config.json ----------------------------------------------------------------------------------------
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED_TYPES:
+        raise LmforgeError(f"{source}: model_type {mt!r} is not supported; lmforge loads {', '.join(SUPPORTED_TYPES)}")
+    if hf.get("mlp_bias") or (mt == "llama" and hf.get("attention_bias")):
+        raise LmforgeError(f"{source}: attention_bias/mlp_bias on Llama output projections are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LmforgeError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5 nests rope settings here
+    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    sliding = hf.get("sliding_window")
+    if mt == "qwen2" and not hf.get("use_sliding_window", False):
+        sliding = None
+    try:
+        n_heads = hf["num_attention_heads"]
+        cfg = ModelConfig(
+            model_type=mt, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads, intermediate_size=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048), head_dim=hf.get("head_dim"),
+            rope_theta=float(theta), rope_scaling=dict(scaling) if scaling else None,
+            norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=(mt == "qwen2") or bool(hf.get("attention_bias")),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=sliding,
+            init_std=hf.get("initializer_range", 0.02))
+    except KeyError as e:
+        raise LmforgeError(f"{source}: missing key {e.args[0]!r}; is this a Hugging Face causal-LM config?") from None
+    if cfg.head_dim == cfg.hidden_size // cfg.n_heads:
+        cfg.head_dim = None
+    cfg.validate()
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = None,
+                 eos_id: int | list[int] | None = None, pad_id: int | None = None) -> dict:
+    hf: dict[str, Any] = {
+        "architectures": [_ARCH[cfg.model_type]], "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.hd, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+        "torch_dtype": dtype, "use_cache": True,
+    }
+    if cfg.model_type == "llama":
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    elif cfg.model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    elif cfg.model_type == "qwen2":
+        hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                  max_window_layers=cfg.n_layers)
+    return hf
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise LmforgeError(f"{path} is missing; a model directory needs config.json and model.safetensors")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path} is not valid JSON ({e}); the file is damaged, re-save or re-download it") from None
+
+
+def _model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise LmforgeError(f"model directory {p} does not exist (give the path of a Hugging Face model directory, "
+                           f"e.g. runs/NAME/final)")
+    return p
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    p = _model_dir(path)
+    return config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
+
+
+# ---- weights --------------------------------------------------------------------------------------------
+def _weight_files(p: Path) -> list[Path]:
+    single = p / "model.safetensors"
+    index = p / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (p / n).is_file()]
+        if missing:
+            raise LmforgeError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
+        return [p / n for n in names]
+    if (p / "pytorch_model.bin").exists() or list(p.glob("pytorch_model-*.bin")):
+        raise LmforgeError(f"{p} holds only pickled pytorch_model.bin weights; lmforge loads safetensors only. "
+                           "Convert once with transformers: from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise LmforgeError(f"{p} has no model.safetensors (nor model.safetensors.index.json)")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+    return state
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load a HF directory of the Llama/Mistral/Qwen2 families into lmforge's Transformer (eval mode)."""
+    import torch
+
+    from lmforge.model.transformer import Transformer, rope_inv_freq
+
+    p = _model_dir(path)
+    cfg = load_config(p)
+    files = _weight_files(p)
+    state = _read_tensors(files)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    where = files[0] if len(files) == 1 else p / "model.safetensors.index.json"
+    if missing:
+        raise LmforgeError(f"{where} lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}; "
+                           "the weights do not belong to this config.json")
+    if unexpected:
+        raise LmforgeError(f"{where} has {len(unexpected)} tensor(s) this architecture does not use, e.g. {unexpected[:3]}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise LmforgeError(f"{where}: tensor {k} has shape {tuple(state[k].shape)} but config.json implies "
+                               f"{tuple(v.shape)}; config and weights do not match")
+    target = dtype or state["model.embed_tokens.weight"].dtype
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: t.to(target) for k, t in state.items()}, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.to(target).eval()
+
+
+def eos_ids(path: str | Path) -> list[int]:
+    """Every id generation must stop on: generation_config.json's eos_token_id (int or list), else config.json's."""
+    p = Path(path)
+    for name in ("generation_config.json", "config.json"):
+        f = p / name
+        if f.is_file():
+            eos = _read_json(f).get("eos_token_id")
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return []
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    from lmforge.tokenizer import Tokenizer
+
+    return Tokenizer.load(_model_dir(path))
+
+
+def read_lineage(path: str | Path) -> dict:
+    f = Path(path) / "lmforge.json"
+    return _read_json(f) if f.is_file() else {}
+
+
+def load_trainer_state(path: str | Path) -> dict | None:
+    import torch
+
+    f = Path(path) / "trainer_state" / "state.pt"
+    if not f.is_file():
+        return None
+    try:
+        return torch.load(f, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises several types for damaged files
+        raise LmforgeError(f"{f} cannot be read ({type(e).__name__}: {e}); delete that checkpoint to resume from an "
+                           "earlier one") from None
+
+
+# ---- saving ---------------------------------------------------------------------------------------------
+def _fsync_tree(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_dir(out_dir: str | Path):
+    """Context manager: yields a temporary directory that replaces out_dir only when the block succeeds."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _cm():
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+                os.replace(out, old)
+            os.replace(tmp, out)
+            dfd = os.open(out.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return _cm()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def save_model(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+               lineage: dict | None = None, trainer_state: dict | None = None,
+               generation: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write `model` as a Hugging Face directory (atomically). Returns the directory.
+
+    generation: extra generation_config.json keys. state_dict: weights to write instead of model's own
+    (e.g. gathered from a sharded model); tied lm_head is dropped as HF expects.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not k.endswith("inv_freq")}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    dtype = _dtype_name(sd["model.embed_tokens.weight"])
+    bos = eos = pad = None
+    eos_list: list[int] = []
+    if tokenizer is not None:
+        bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        eos_list = [e for e in [eos, tokenizer.token_to_id("<|im_end|>")] if e is not None]
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, bos, eos, pad), indent=2) + "\n")
+        gen = {"bos_token_id": bos, "eos_token_id": eos_list if len(eos_list) > 1 else eos, "pad_token_id": pad}
+        gen.update(generation or {})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        meta = {"format_version": FORMAT_VERSION, "lineage": lineage or {}}
+        (tmp / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if trainer_state is not None:
+            (tmp / "trainer_state").mkdir()
+            torch.save(trainer_state, tmp / "trainer_state" / "state.pt")
+    return out
+
+
+# ---- runs -----------------------------------------------------------------------------------------------
+def is_complete(path: str | Path) -> bool:
+    p = Path(path)
+    return all((p / n).is_file() for n in ("config.json", "lmforge.json")) and bool(
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoints/step-N in a run directory, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = re.fullmatch(r"step-(\d+)", d.name)
+            if m and d.is_dir() and is_complete(d):
+                found.append((int(m.group(1)), d))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint with trainer state, or None."""
+    for _, d in checkpoints(run_dir):
+        if (d / "trainer_state" / "state.pt").is_file():
+            return d
+    return None

@@ -1,0 +1,79 @@
+"""Invariants of the model itself: KV-cache decode equals a full forward, in every cache addressing mode."""
+
+import torch
+
+from lmforge.model import accounting
+from lmforge.model.config import PRESETS, preset
+from lmforge.model.transformer import Transformer
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    m = Transformer(preset("test").replace(**kw))
+    m.init_weights(0)
+    return m.eval()
+
+
+def test_cache_decode_equals_full_forward():
+    m = _model()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 64)
+        parts = [m(ids[:, :10], input_pos=0, cache=cache)]
+        parts += [m(ids[:, t:t + 1], input_pos=t, cache=cache) for t in range(10, 24)]
+    assert (full - torch.cat(parts, 1)).abs().max() < 1e-5
+
+
+def test_per_row_positions_and_slots():
+    """Rows at different lengths share one batched decode step (continuous batching)."""
+    m = _model()
+    a = torch.randint(0, m.cfg.vocab_size, (1, 12))
+    b = torch.randint(0, m.cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        ref_a, ref_b = m(a), m(b)
+        cache = m.new_cache(4, 32)
+        m(a[:, :8], input_pos=torch.arange(8)[None], cache=cache, slots=torch.tensor([3]))
+        m(b[:, :3], input_pos=torch.arange(3)[None], cache=cache, slots=torch.tensor([1]))
+        pa, pb = 8, 3
+        while pb < 7:
+            ids = torch.tensor([[a[0, pa]], [b[0, pb]]])
+            out = m(ids, input_pos=torch.tensor([[pa], [pb]]), cache=cache, slots=torch.tensor([3, 1]))
+            assert (out[0, 0] - ref_a[0, pa]).abs().max() < 1e-5
+            assert (out[1, 0] - ref_b[0, pb]).abs().max() < 1e-5
+            pa, pb = pa + 1, pb + 1
+
+
+def test_sliding_window_masks_far_keys():
+    m = _model(sliding_window=4)
+    ids = torch.randint(0, m.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = m(ids)
+        # the last token only sees the previous 4 positions, so what came before them cannot matter
+        changed = ids.clone()
+        changed[0, :6] = (changed[0, :6] + 1) % m.cfg.vocab_size
+        assert (m(changed)[0, -1] - full[0, -1]).abs().max() > 0  # 2 layers widen the receptive field...
+        cache = m.new_cache(1, 16)
+        parts = [m(ids[:, :5], input_pos=0, cache=cache)]
+        parts += [m(ids[:, t:t + 1], input_pos=t, cache=cache) for t in range(5, 12)]
+    assert (full - torch.cat(parts, 1)).abs().max() < 1e-5  # ...but cache and full forward agree
+
+
+def test_param_count_matches_accounting():
+    for name in ("test", "tiny", "small"):
+        cfg = PRESETS[name]
+        with torch.device("meta"):
+            m = Transformer(cfg)
+        assert sum(p.numel() for p in m.parameters()) == accounting.n_params(cfg)
+
+
+def test_named_presets_have_published_sizes():
+    def n(name):
+        return accounting.n_params(PRESETS[name]) / 1e9
+
+    assert abs(n("llama-3-8b") - 8.03) < 0.05
+    assert abs(n("mistral-7b") - 7.24) < 0.05
+    assert abs(n("qwen2.5-0.5b") - 0.494) < 0.01
+    assert abs(n("llama-2-7b") - 6.74) < 0.05
+    assert abs(accounting.n_params(PRESETS["small"]) / 1e6 - 27.4) < 0.5
+    assert abs(accounting.n_params(PRESETS["medium"]) / 1e6 - 82) < 1
