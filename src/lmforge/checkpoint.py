@@ -324,3 +324,129 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         if (d / "trainer_state" / "state.pt").is_file():
             return d
     return None
+
+
+# ---- LoRA adapters as PEFT directories (appended by the finetune stage) ---------------------------------
+# A LoRA adapter is a PEFT adapter directory: adapter_config.json + adapter_model.safetensors whose keys are
+# "base_model.model.<module>.lora_A.weight" / "...lora_B.weight" (PEFT strips its adapter name "default" when
+# saving). peft.PeftModel.from_pretrained(transformers_model, dir) loads what save_adapter writes, and load_adapter
+# reads what PEFT writes. lmforge.json beside them holds the lineage, as in a model directory.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_WEIGHTS).is_file()
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        raise LmforgeError(f"adapter directory {p} does not exist (give a PEFT adapter directory, e.g. runs/NAME/adapter)")
+    cfg = _read_json(p / ADAPTER_CONFIG)
+    where = p / ADAPTER_CONFIG
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise LmforgeError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported; lmforge loads LoRA adapters")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if cfg.get(key) == bad:
+            raise LmforgeError(f"{where}: {key}={bad} is not supported; merge the adapter with PEFT first "
+                               "(model.merge_and_unload().save_pretrained(dir))")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise LmforgeError(f"{where}: adapters that also train biases or whole modules (bias / modules_to_save) are "
+                           "not supported; merge it with PEFT first (merge_and_unload) and load the full model")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise LmforgeError(f"{where}: per-module rank_pattern/alpha_pattern is not supported")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+        raise LmforgeError(f"{where}: 'r' (the LoRA rank) must be a positive integer, got {cfg.get('r')!r}")
+    return cfg
+
+
+def _peft_targets(cfg: dict, where: str) -> list[str]:
+    from lmforge.model.lora import TARGET_NAMES
+
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):  # PEFT allows a regex over full module names
+        import re as _re
+
+        targets = [t for t in TARGET_NAMES.values() if _re.search(targets, f"model.layers.0.self_attn.{t}")
+                   or _re.search(targets, f"model.layers.0.mlp.{t}")]
+    if targets in (None, "all-linear"):
+        targets = list(TARGET_NAMES.values())
+    if not isinstance(targets, list) or not targets:
+        raise LmforgeError(f"{where}: target_modules must be a list of module names, got {cfg.get('target_modules')!r}")
+    bad = [t for t in targets if t not in TARGET_NAMES.values()]
+    if bad:
+        raise LmforgeError(f"{where}: target module(s) {bad} are not Llama projections lmforge can adapt "
+                           f"({', '.join(TARGET_NAMES.values())})")
+    return targets
+
+
+def save_adapter(model: Transformer, out_dir: str | Path, base_model_name_or_path: str | Path | None = None,
+                 lineage: dict | None = None, trainer_state: dict | None = None,
+                 tokenizer: Tokenizer | None = None) -> Path:
+    """Write the model's LoRA adapter as a PEFT adapter directory (atomically). Returns the directory."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lmforge.model.lora import lora_settings, lora_state_dict
+
+    s = lora_settings(model)
+    tensors = {}
+    for k, v in lora_state_dict(model).items():
+        module, which = k.rsplit(".", 1)  # "...q_proj", "lora_A"
+        tensors[f"{_PEFT_PREFIX}{module}.{which}.weight"] = v.detach().to("cpu").contiguous()
+    all_layers = s["layers"] == list(range(model.cfg.n_layers))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "auto_mapping": None,
+        "base_model_name_or_path": str(base_model_name_or_path) if base_model_name_or_path is not None else None,
+        "revision": None, "inference_mode": True, "r": s["rank"], "lora_alpha": s["alpha"],
+        "lora_dropout": s["dropout"], "target_modules": s["targets"], "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": s["use_rslora"], "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "layers_to_transform": None if all_layers else s["layers"], "layers_pattern": None if all_layers else "layers",
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        meta = {"format_version": FORMAT_VERSION, "kind": "lora-adapter", "lineage": lineage or {}}
+        (tmp / "lmforge.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            (tmp / "trainer_state").mkdir()
+            torch.save(trainer_state, tmp / "trainer_state" / "state.pt")
+    return out
+
+
+def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
+    """Add the PEFT LoRA adapter in adapter_dir to `model` (in place; returns it), frozen base, eval as it was.
+
+    Serve it as is, or call lmforge.model.lora.merge_lora(model) to fold it into the weights.
+    """
+    from lmforge.model.lora import apply_lora, load_lora_state_dict
+
+    p = Path(adapter_dir)
+    cfg = read_adapter_config(p)
+    where = str(p / ADAPTER_CONFIG)
+    f = p / ADAPTER_WEIGHTS
+    if not f.is_file():
+        raise LmforgeError(f"{p} has no {ADAPTER_WEIGHTS}; a PEFT adapter directory holds {ADAPTER_CONFIG} and "
+                           f"{ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
+    raw = _read_tensors([f])
+    state = {}
+    for k, v in raw.items():
+        name = k.removeprefix(_PEFT_PREFIX).replace(".default.", ".")  # older PEFT kept the adapter name
+        if not name.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise LmforgeError(f"{f}: tensor {k!r} is not a LoRA A/B weight; lmforge loads plain LoRA adapters only")
+        state[name.removesuffix(".weight")] = v
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    alpha = cfg.get("lora_alpha", 8)
+    apply_lora(model, _peft_targets(cfg, where), rank=cfg["r"], alpha=alpha, dropout=0.0,
+               use_rslora=bool(cfg.get("use_rslora")), layers=layers)
+    load_lora_state_dict(model, state, source=str(f))
+    return model

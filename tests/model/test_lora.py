@@ -1,0 +1,156 @@
+"""LoRA surgery: a fresh adapter changes nothing, merged equals unmerged, disabled equals the base, only adapter
+weights train, and adapters round-trip through PEFT's own loader with the same logits (offline)."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge import checkpoint
+from lmforge.errors import LmforgeError
+from lmforge.model.config import preset
+from lmforge.model.lora import (
+    LoRALinear,
+    apply_lora,
+    lora_disabled,
+    lora_settings,
+    lora_state_dict,
+    merge_lora,
+    trainable_parameters,
+)
+from lmforge.model.transformer import Transformer
+from tests.conftest import make_hf_model
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = Transformer(preset("test").replace(**kw))
+    m.init_weights(seed)
+    return m
+
+
+def _randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+IDS = torch.randint(0, 2048, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def test_fresh_adapter_is_identity_then_merge_equals_unmerged():
+    model = _model(qkv_bias=True).eval()
+    with torch.no_grad():
+        base = model(IDS)
+    names = apply_lora(model, rank=4, alpha=8, seed=0)
+    assert len(names) == 2 * 7 and all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base)  # B = 0
+    _randomize_b(model)
+    with torch.no_grad():
+        adapted = model(IDS)
+        with lora_disabled(model):
+            assert torch.allclose(model(IDS), base, atol=1e-6)
+        assert (adapted - base).abs().max() > 1e-3
+        merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert torch.allclose(model(IDS), adapted, atol=1e-5)
+    assert set(model.state_dict()) == set(_model(qkv_bias=True).state_dict())
+
+
+def test_only_adapter_weights_train():
+    model = _model(tie_embeddings=True)
+    apply_lora(model, targets=["q", "v"], rank=2, alpha=4, dropout=0.1, seed=0)
+    trainable, total = trainable_parameters(model)
+    assert trainable == 2 * 2 * ((128 + 128) + (128 + 64)) and total > trainable
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = model(IDS).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(k.endswith("lora_A") for k in changed)
+    s = lora_settings(model)
+    assert s["targets"] == ["q_proj", "v_proj"] and s["rank"] == 2 and s["dropout"] == 0.1
+    assert set(lora_state_dict(model)) == {k for k in after if ".lora_" in k}
+
+
+def test_bad_targets_and_rank_are_clear_errors():
+    with pytest.raises(LmforgeError, match="unknown LoRA target"):
+        apply_lora(_model(), targets=["qq"])
+    with pytest.raises(LmforgeError, match="rank"):
+        apply_lora(_model(), rank=0)
+    model = _model()
+    apply_lora(model, targets=["q"])
+    with pytest.raises(LmforgeError, match="already has a LoRA"):
+        apply_lora(model, targets=["q"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_adapter_loads_in_peft_with_same_logits(family, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    make_hf_model(family, base_dir)
+    model = checkpoint.load_model(base_dir)
+    apply_lora(model, targets=["q", "k", "v", "o", "gate", "up", "down"], rank=4, alpha=16, seed=0)
+    _randomize_b(model)
+    adapter = checkpoint.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=base_dir)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir) and cfg["r"] == 4
+    ids = torch.randint(3, 256, (2, 13), generator=torch.Generator().manual_seed(2))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = peft_model(ids).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+    # the reverse: lmforge loads the adapter (here the one PEFT just read) onto a fresh base
+    fresh = checkpoint.load_adapter(checkpoint.load_model(base_dir), adapter)
+    with torch.no_grad():
+        assert (fresh(ids) - theirs).abs().max() < 1e-4
+        # merge -> a plain HF directory that transformers loads with the adapted logits
+        merge_lora(fresh)
+    checkpoint.save_model(fresh, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - theirs).abs().max() < 1e-4
+
+
+def test_peft_written_adapter_loads_into_lmforge(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    make_hf_model("llama", base_dir)
+    hf = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(hf, LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"],
+                                               use_rslora=True))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    model = checkpoint.load_adapter(checkpoint.load_model(base_dir), tmp_path / "peft")
+    assert lora_settings(model)["targets"] == ["q_proj", "down_proj"]
+    with torch.no_grad():
+        assert (model(ids) - peft_model.eval()(ids).logits).abs().max() < 1e-4
+
+
+def test_adapter_dir_errors(tmp_path):
+    model = _model()
+    with pytest.raises(LmforgeError, match="does not exist"):
+        checkpoint.load_adapter(model, tmp_path / "nope")
+    d = tmp_path / "dora"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
+    with pytest.raises(LmforgeError, match="use_dora"):
+        checkpoint.load_adapter(model, d)
