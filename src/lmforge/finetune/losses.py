@@ -1,0 +1,84 @@
+"""The loss functions of stage 2, as pure functions of tensors (no model, no data), tested against hand-computed values.
+
+- `token_logps`: log p(target) per position, computed from fp32 log-softmax (bf16 logits lose the small
+  differences DPO depends on).
+- `masked_nll_sum`: the SFT objective's numerator and its token count. The recipe divides by the number of
+  trainable (assistant) tokens in the whole optimizer step, not per micro-batch or per sequence, so every
+  assistant token weighs the same however the step is split into micro-batches (the gradient-accumulation bug of
+  per-micro-batch means: examples in short micro-batches would count more).
+- `sequence_logps`: log p(response | prompt) per sequence, summed (DPO) or averaged over tokens (IPO).
+- `dpo_loss`: Direct Preference Optimization (Rafailov et al. 2023, eq. 7), the sigmoid loss with optional label
+  smoothing (conservative DPO), and IPO (Azar et al. 2023, eq. 17) as an option; returns per-pair losses and the
+  implicit rewards beta * (log pi - log pi_ref) that the log reports.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under logits: logits [B, T, V], targets [B, T] -> [B, T] (fp32). Ignored targets may be any id."""
+    B, T, V = logits.shape
+    safe = targets.clamp(0, V - 1)  # masked positions may hold -100 or a pad id; their value is masked later
+    # cross_entropy runs log-softmax in one fused kernel without materialising [B, T, V] log-probs twice
+    return -F.cross_entropy(logits.float().reshape(B * T, V), safe.reshape(B * T), reduction="none").view(B, T)
+
+
+def masked_nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(target) over positions where mask is true, number of such positions).
+
+    logits [B, T, V], targets [B, T], mask [B, T] bool (true = train on this target token).
+    """
+    lp = token_logps(logits, targets)
+    m = mask.to(lp.dtype)
+    return -(lp * m).sum(), int(mask.sum())
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                   average: bool = False) -> torch.Tensor:
+    """Per-sequence log-probability of the masked targets: [B]. average=True divides by each row's token count."""
+    lp = token_logps(logits, targets)
+    m = mask.to(lp.dtype)
+    total = (lp * m).sum(-1)
+    if average:
+        return total / m.sum(-1).clamp(min=1)
+    return total
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses [B] and implicit rewards (chosen [B], rejected [B]).
+
+    Inputs are sequence log-probs [B] of the chosen and rejected responses under the policy and the frozen
+    reference. With h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
+      sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing; 0 is plain DPO)
+      ipo:     (h - 1 / (2 beta))^2      (give it token-averaged log-probs, as the IPO paper's practice does)
+    """
+    if beta <= 0:
+        raise LmforgeError(f"DPO beta must be positive, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise LmforgeError(f"DPO label smoothing must be in [0, 0.5), got {label_smoothing}")
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise LmforgeError(f"unknown DPO loss {loss_type!r}; choose one of: {', '.join(DPO_LOSS_TYPES)}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def preference_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    """Mean chosen/rejected reward, their margin, and preference accuracy (share of pairs with chosen > rejected)."""
+    return {"reward_chosen": float(chosen_rewards.mean()), "reward_rejected": float(rejected_rewards.mean()),
+            "reward_margin": float((chosen_rewards - rejected_rewards).mean()),
+            "pref_accuracy": float((chosen_rewards > rejected_rewards).float().mean())}
