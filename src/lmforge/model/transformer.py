@@ -157,8 +157,14 @@ class _Context:
             kc[:B, :, self.start:self.start + T] = k
             vc[:B, :, self.start:self.start + T] = v
             return kc[:B, :, :self.length], vc[:B, :, :self.length]
+        B = k.shape[0]
+        if self.slots is None:  # rows 0..B-1: read a view, not a gathered copy of the cache (decode speed)
+            rows = torch.arange(B, device=k.device)[:, None]
+            kc[rows, :, self.pos] = k.transpose(1, 2)  # index dims first: B T K D
+            vc[rows, :, self.pos] = v.transpose(1, 2)
+            return kc[:B, :, :self.length], vc[:B, :, :self.length]
         rows = self.slots[:, None]  # B 1
-        kc[rows, :, self.pos] = k.transpose(1, 2)  # index dims first: B T K D
+        kc[rows, :, self.pos] = k.transpose(1, 2)
         vc[rows, :, self.pos] = v.transpose(1, 2)
         return kc[self.slots, :, :self.length], vc[self.slots, :, :self.length]
 
@@ -231,7 +237,7 @@ class Transformer(nn.Module):
 
         input_pos: None (0..T-1), an int start (rows share positions start..start+T-1), or a [B, T] tensor
             of per-row positions (continuous batching, packed documents).
-        cache: a KVCache; `slots` [B] picks its rows (default 0..B-1). New keys/values are written at
+        cache: a KVCache; `slots` [B] picks its rows (default 0..B-1, read as a view). New keys/values are written at
             input_pos and attention covers positions <= each query's.
         mask: explicit bool attention mask [B, 1, T, L] (True = attend), e.g. for packed documents.
         logits_index: [B] position within T per row: return logits [B, 1, V] for that token only.
@@ -254,8 +260,6 @@ class Transformer(nn.Module):
             if pos_tensor is not None or slots is not None:
                 if pos_tensor is None:
                     pos_tensor = positions[None].expand(B, T)
-                if slots is None:
-                    slots = torch.arange(B, device=dev)
                 length = int(pos_tensor.max()) + 1
             else:
                 length = start + T

@@ -1,0 +1,434 @@
+"""The Engine: token ids in, token ids out, for many requests at once (continuous batching over a KV cache).
+
+Owns: the model in eval mode, one KVCache with `max_batch` slots, a waiting queue, and the scheduler loop.
+Leaves to others: text, chat templates and stop strings (generate.py), HTTP (serve/), loading (load.py).
+
+One scheduler iteration (`step`), after vLLM / TGI's continuous batching and gpt-fast's decode loop:
+  1. finalise cancelled requests and free their slots; admit waiting requests into free slots, lowest first;
+  2. prefill: up to `prefill_chunk` prompt tokens of admitted requests (chunked prefill, so a long prompt
+     never stalls the streams already running for more than one chunk); a finished prompt samples its first token;
+  3. decode: one batched forward over every decoding request, one token each; finished sequences free their
+     slot at once, so a waiting request takes it on the next iteration.
+
+Speed decisions (CPU first; measured in benchmarks/bench_decode.py):
+  - slots are taken lowest-first and the decode batch is rows 0..n-1 of the cache, read as a view (no gather);
+    a free or still-prefilling row in that range computes a dummy token at its own next position, which its
+    owner overwrites before ever reading it;
+  - the single-stream fast path (only slot 0 decoding) calls the model with an int position: no mask, no
+    index tensors;
+  - one host sync per step: `.tolist()` of the sampled ids; positions and lengths are kept host-side;
+  - torch.inference_mode for the whole loop; optional torch.compile of the decode forward (`compile=True`).
+
+Greedy output is the same whether a request runs alone or in a busy batch: every row's math is independent of
+the others (per-row positions and masks, per-row sampling). Logits agree to float rounding (~1e-6), so a
+token can differ only at an exact near-tie of the two best logits.
+
+Threading: `submit()` and `cancel()` are thread-safe; `start()` runs the loop in a daemon thread, or a caller
+drives `step()` itself (tests, the `generate` verb). A `Generation` handle yields `TokenEvent`s, to a plain
+`for` loop or an `async for` (the server's event loop is woken with call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.inference.sampling import PenaltyState, SamplingParams, logprobs_of, sample
+
+log = logging.getLogger("lmforge.engine")
+
+
+class ContextLengthExceeded(LmforgeError):
+    """The prompt (plus the tokens asked for) does not fit the model's context."""
+
+    def __init__(self, message: str, prompt_tokens: int, max_len: int):
+        super().__init__(message)
+        self.prompt_tokens, self.max_len = prompt_tokens, max_len
+
+
+class QueueFull(LmforgeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, or the end of a generation (finish_reason set; token may be None then)."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" (an EOS / stop id), "length", "cancelled", "error"
+    error: str | None = None
+
+
+_WAITING, _PREFILL, _DECODE, _DONE = range(4)
+
+
+class Generation:
+    """Handle of one submitted request: iterate it (sync or async) for TokenEvents; cancel() to stop it."""
+
+    def __init__(self, engine: Engine, rid: int, prompt_ids: list[int], params: SamplingParams,
+                 stop_ids: frozenset[int], rng: random.Random):
+        self.engine, self.id, self.prompt_ids, self.params = engine, rid, prompt_ids, params
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_done: float | None = None
+        # scheduler state (engine thread only)
+        self._stop_ids = stop_ids
+        self._rng = rng
+        self._state = _WAITING
+        self._slot = -1
+        self._pos = 0  # tokens of this sequence in the cache (the next write position)
+        self._last = -1  # the token to feed at the next decode step
+        self._cancel = False
+        self._penalty: PenaltyState | None = None
+        self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self._notify = None  # (asyncio loop, asyncio.Event) of an async consumer
+
+    # ---- consumer side -------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        self.engine.cancel(self)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            ev = self._events.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        import asyncio
+
+        flag = asyncio.Event()
+        self._notify = (asyncio.get_running_loop(), flag)  # set before draining: no push is missed
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                await flag.wait()
+                flag.clear()
+                continue
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def result(self) -> list[int]:
+        """Block until finished; the generated ids (a stop id included if one ended it)."""
+        for _ in self:
+            pass
+        return self.output_ids
+
+    # ---- engine side ---------------------------------------------------------------------------------
+    def _push(self, ev: TokenEvent) -> None:
+        self._events.put(ev)
+        notify = self._notify
+        if notify is not None:
+            loop, flag = notify
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # the consumer's loop has closed: nobody is listening
+                pass
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics. Written by the engine thread only; readers see a consistent-enough snapshot."""
+
+    requests_total: int = 0
+    requests_finished: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+    prefill_seconds: float = 0.0
+    queue_length: int = 0
+    running: int = 0
+    last_tokens_per_s: float = 0.0
+
+
+class Engine:
+    """Batched generation over one model with a slot KV cache. Token ids in, token ids out."""
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, eos_ids: Sequence[int] = (),
+                 prefill_chunk: int = 512, max_queue: int = 256, seed: int = 0, compile: bool = False):
+        if max_batch < 1:
+            raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise LmforgeError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.max_len = int(max_len or self.cfg.max_seq_len)
+        if self.max_len < 2:
+            raise LmforgeError(f"max_len must be at least 2, got {self.max_len}")
+        self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.vocab_size = self.cfg.vocab_size
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.stats = EngineStats()
+        self._slots: list[Generation | None] = [None] * max_batch
+        self._waiting: deque[Generation] = deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._seed_rng = random.Random(seed)  # streams of requests that bring no seed
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._forward = model.forward
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+
+    # ---- public API (any thread) ---------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Generation:
+        """Queue a request; returns its handle at once. Raises LmforgeError for bad input, QueueFull."""
+        params = (params or SamplingParams()).validate(self.vocab_size)
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise LmforgeError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise LmforgeError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(ids) >= self.max_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_len} tokens, however the prompt has {len(ids)} "
+                f"tokens (at least one more is needed to generate). Shorten the prompt.", len(ids), self.max_len)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        with self._cond:
+            if self._stopping:
+                raise LmforgeError("the engine has been stopped")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
+            rng = random.Random(params.seed if params.seed is not None else self._seed_rng.getrandbits(64))
+            gen = Generation(self, next(self._ids), ids, params, stop_ids, rng)
+            self._waiting.append(gen)
+            self.stats.requests_total += 1
+            self.stats.queue_length = len(self._waiting)
+            self._cond.notify_all()
+        return gen
+
+    def cancel(self, gen: Generation) -> None:
+        """Stop a request; its slot is freed before the next decode step. Safe to call twice or when done."""
+        with self._cond:
+            gen._cancel = True
+            self._cond.notify_all()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None
+                 = None) -> list[list[int]]:
+        """Blocking convenience: submit all prompts, return each one's generated ids (drives step() if no thread)."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        gens = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        if not self.running:
+            while not all(g.done for g in gens):
+                self.step()
+        return [g.result() for g in gens]
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Engine:
+        """Run the scheduler loop in a daemon thread."""
+        if not self.running:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Cancel everything and end the loop thread."""
+        with self._cond:
+            self._stopping = True
+            for g in list(self._waiting) + [g for g in self._slots if g is not None]:
+                g._cancel = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.step()  # finalise what the thread left (no-op if it already did)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def load(self) -> dict:
+        """Queue length and running batch size right now."""
+        return {"waiting": len(self._waiting), "running": sum(g is not None for g in self._slots)}
+
+    # ---- the scheduler (one thread) ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and all(g is None for g in self._slots):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug or out-of-memory: fail what is running, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        for g in self._slots:
+            if g is not None:
+                self._finish(g, "error", error=message)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduler iteration. Returns whether there was any work."""
+        with self._cond:
+            for g in self._slots:
+                if g is not None and g._cancel:
+                    self._finish(g, "cancelled")
+            keep = deque()
+            for g in self._waiting:
+                if g._cancel:
+                    self._finish(g, "cancelled")
+                else:
+                    keep.append(g)
+            self._waiting = keep
+            while self._waiting and None in self._slots:
+                g = self._waiting.popleft()
+                slot = self._slots.index(None)
+                self._slots[slot] = g
+                g._slot, g._state, g._pos = slot, _PREFILL, 0
+                if g.params.needs_penalties:
+                    g._penalty = PenaltyState(self.vocab_size, g.prompt_ids, self.device)
+            self.stats.queue_length = len(self._waiting)
+            self.stats.running = sum(g is not None for g in self._slots)
+        worked = self._prefill()
+        worked = self._decode() or worked
+        return worked
+
+    def _prefill(self) -> bool:
+        budget = self.prefill_chunk
+        todo = sorted((g for g in self._slots if g is not None and g._state == _PREFILL), key=lambda g: g.id)
+        for g in todo:
+            if budget <= 0:
+                break
+            t0 = time.perf_counter()
+            start = g._pos
+            chunk = g.prompt_ids[start:start + budget]
+            T = len(chunk)
+            last = start + T == len(g.prompt_ids)
+            idx = torch.tensor([chunk], device=self.device)
+            if g._slot == 0:  # rows 0..0 of the cache, contiguous positions: no index tensors
+                kw = dict(input_pos=start)
+            else:
+                kw = dict(input_pos=torch.arange(start, start + T, device=self.device)[None],
+                          slots=torch.tensor([g._slot], device=self.device))
+            if last:
+                logits = self._forward(idx, cache=self.cache, logits_index=torch.tensor([T - 1], device=self.device),
+                                       **kw)[:, 0]  # 1 V
+            else:
+                self._forward(idx, cache=self.cache, return_hidden=True, **kw)  # fills the cache only
+            g._pos = start + T
+            budget -= T
+            self.stats.prefill_seconds += time.perf_counter() - t0
+            if last:
+                self.stats.prompt_tokens_total += len(g.prompt_ids)
+                g._state = _DECODE
+                self._emit([g], logits)
+        return bool(todo)
+
+    def _decode(self) -> bool:
+        rows = [g for g in self._slots if g is not None and g._state == _DECODE]
+        if not rows:
+            return False
+        t0 = time.perf_counter()
+        n = max(g._slot for g in rows) + 1
+        if n == 1:  # single-stream fast path
+            g = rows[0]
+            logits = self._decode_forward(torch.tensor([[g._last]], device=self.device), input_pos=g._pos,
+                                          cache=self.cache)[:, -1]  # 1 V
+        else:
+            toks, pos = [0] * n, [0] * n
+            for i, other in enumerate(self._slots[:n]):
+                if other is not None:  # a prefilling row writes a dummy at its own next position (overwritten later)
+                    pos[i] = other._pos
+            for g in rows:
+                toks[g._slot], pos[g._slot] = g._last, g._pos
+            logits = self._decode_forward(torch.tensor(toks, device=self.device)[:, None],
+                                          input_pos=torch.tensor(pos, device=self.device)[:, None],
+                                          cache=self.cache)[:, -1]  # n V
+            if len(rows) != n:
+                logits = logits[torch.tensor([g._slot for g in rows], device=self.device)]
+        for g in rows:
+            g._pos += 1
+        self._emit(rows, logits)
+        dt = time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.decode_seconds += dt
+        self.stats.decode_tokens += len(rows)
+        self.stats.last_tokens_per_s = len(rows) / dt if dt > 0 else 0.0
+        return True
+
+    def _emit(self, rows: list[Generation], logits: torch.Tensor) -> None:
+        """Sample one token per row from logits [R, V], hand out events, finish and free what is done."""
+        logits = logits.float()
+        params = [g.params for g in rows]
+        ids = sample(logits, params, [g._rng for g in rows], [g._penalty for g in rows])
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs]
+        lp: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
+        if lp_rows:
+            sel = torch.tensor(lp_rows, device=logits.device)
+            top = max(params[i].top_logprobs for i in lp_rows)
+            chosen, vals, tids = logprobs_of(logits[sel], ids[sel], top)
+            chosen_l = chosen.tolist()
+            vals_l, tids_l = (vals.tolist(), tids.tolist()) if vals is not None else (None, None)
+            for j, i in enumerate(lp_rows):
+                k = params[i].top_logprobs
+                alts = list(zip(tids_l[j][:k], vals_l[j][:k])) if k and vals_l is not None else None
+                lp[i] = (chosen_l[j], alts)
+        now = time.perf_counter()
+        for i, (g, tok) in enumerate(zip(rows, ids.tolist())):  # the one host sync of the step
+            g.output_ids.append(tok)
+            g._last = tok
+            if g._penalty is not None:
+                g._penalty.update(tok)
+            if g.t_first is None:
+                g.t_first = now
+                self.stats.ttft_sum += now - g.t_submit
+                self.stats.ttft_count += 1
+            self.stats.generation_tokens_total += 1
+            reason = None
+            if tok in g._stop_ids:
+                reason = "stop"
+            elif len(g.output_ids) >= g.params.max_tokens or len(g.prompt_ids) + len(g.output_ids) >= self.max_len:
+                reason = "length"  # prompt + output may not exceed the context
+            logprob, alts = lp.get(i, (None, None))
+            ev = TokenEvent(tok, logprob, alts, reason)
+            if reason is not None:
+                self._finish(g, reason, event=ev)
+            else:
+                g._push(ev)
+
+    def _finish(self, g: Generation, reason: str, event: TokenEvent | None = None, error: str | None = None) -> None:
+        if g._state == _DONE:
+            return
+        g._state = _DONE
+        g.finish_reason = reason
+        g.t_done = time.perf_counter()
+        if 0 <= g._slot < len(self._slots) and self._slots[g._slot] is g:
+            self._slots[g._slot] = None  # the slot is free for the next admission
+        self.stats.requests_finished += 1
+        g._push(event or TokenEvent(None, finish_reason=reason, error=error))

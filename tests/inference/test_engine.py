@@ -1,0 +1,144 @@
+"""The Engine against a plain full-forward greedy loop: alone, in a busy batch, with slots reused, cancelled."""
+
+import threading
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.inference.engine import ContextLengthExceeded, Engine, QueueFull
+from lmforge.inference.sampling import SamplingParams
+from lmforge.model.config import preset
+from lmforge.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(preset("test").replace(max_seq_len=128))
+    m.init_weights(0)
+    return m.eval()
+
+
+def reference_greedy(model, prompt, n):
+    """No cache, no batch: argmax of a full forward over the whole sequence, n times."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2048, (int(n),), generator=g).tolist()
+            for n in torch.randint(3, 40, (k,), generator=g)]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def test_single_request_matches_full_forward(model):
+    p = prompts(1)[0]
+    out = Engine(model, max_batch=2).generate([p], GREEDY)[0]
+    assert out == reference_greedy(model, p, 12)
+
+
+def test_greedy_same_alone_and_in_busy_batch(model):
+    ps = prompts(7)
+    alone = [Engine(model, max_batch=1).generate([p], GREEDY)[0] for p in ps]
+    # 3 slots for 7 requests: requests wait, join the running batch mid-flight, and reuse freed slots;
+    # a small prefill chunk makes long prompts prefill across several steps while others decode
+    eng = Engine(model, max_batch=3, prefill_chunk=8)
+    mixed = [GREEDY.replace(max_tokens=m) for m in (12, 5, 12, 9, 12, 3, 12)]
+    batched = eng.generate(ps, mixed)
+    for a, b, sp in zip(alone, batched, mixed):
+        assert b == a[:sp.max_tokens]
+    assert eng.load() == {"waiting": 0, "running": 0}
+
+
+def test_seeded_sampling_is_batch_invariant_and_reproducible(model):
+    ps = prompts(4, seed=3)
+    sp = [SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=100 + i, max_tokens=10) for i in range(4)]
+    alone = [Engine(model, max_batch=1).generate([p], s)[0] for p, s in zip(ps, sp)]
+    together = Engine(model, max_batch=4).generate(ps, sp)
+    assert alone == together
+    other_seed = Engine(model, max_batch=1).generate([ps[0]], sp[0].replace(seed=7))[0]
+    assert other_seed != alone[0]
+
+
+def test_stop_on_eos_and_length(model):
+    p = prompts(1, seed=5)[0]
+    free = Engine(model).generate([p], GREEDY)[0]
+    eos = free[4]
+    eng = Engine(model, eos_ids=[eos])
+    g = eng.submit(p, GREEDY)
+    while not g.done:
+        eng.step()
+    assert g.output_ids == free[:free.index(eos) + 1] and g.finish_reason == "stop"
+    g2 = eng.submit(p, GREEDY.replace(ignore_eos=True))
+    assert eng.generate([p], GREEDY.replace(ignore_eos=True))[0] == free
+    g2.cancel()
+    # the context bounds the output: prompt + output never exceeds max_len
+    short = Engine(model, max_len=len(p) + 3)
+    g3 = short.submit(p, GREEDY)
+    while not g3.done:
+        short.step()
+    assert len(g3.output_ids) == 3 and g3.finish_reason == "length"
+
+
+def test_threaded_submit_cancel_and_slot_release(model):
+    eng = Engine(model, max_batch=2).start()
+    try:
+        long = eng.submit(prompts(1)[0], SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True))
+        it = iter(long)
+        next(it)
+        long.cancel()
+        events = list(it)
+        assert events[-1].finish_reason == "cancelled"
+        # many concurrent submitters all finish
+        outs, errs = [], []
+
+        def worker(p):
+            try:
+                outs.append(eng.submit(p, GREEDY).result())
+            except Exception as e:  # pragma: no cover - reported below
+                errs.append(e)
+
+        threads = [threading.Thread(target=worker, args=(p,)) for p in prompts(6, seed=9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errs and len(outs) == 6 and all(len(o) == 12 for o in outs)
+    finally:
+        eng.stop()
+    assert eng.load()["running"] == 0
+
+
+def test_logprobs_are_raw_model_logprobs(model):
+    p = prompts(1)[0]
+    g = Engine(model).submit(p, GREEDY.replace(max_tokens=1, logprobs=True, top_logprobs=3))
+    while not g.done:
+        g.engine.step()
+    ev = list(g)[-1]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p]))[0, -1], -1)
+    assert ev.token == int(ref.argmax())
+    assert abs(ev.logprob - float(ref.max())) < 1e-4
+    assert [t for t, _ in ev.top_logprobs] == ref.topk(3).indices.tolist()
+
+
+def test_bad_requests_raise_clear_errors(model):
+    eng = Engine(model, max_len=32, max_queue=1)
+    with pytest.raises(ContextLengthExceeded, match="32"):
+        eng.submit(list(range(40)), GREEDY)
+    with pytest.raises(LmforgeError, match="empty"):
+        eng.submit([], GREEDY)
+    with pytest.raises(LmforgeError, match="vocabulary"):
+        eng.submit([5, 99999], GREEDY)
+    with pytest.raises(LmforgeError, match="top_p"):
+        eng.submit([5], SamplingParams(top_p=0.0))
+    eng.submit([1, 2], GREEDY)
+    with pytest.raises(QueueFull):
+        eng.submit([1, 2], GREEDY)
