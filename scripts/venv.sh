@@ -14,8 +14,9 @@ STAMP="$VENV/.lmforge-installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "installing lmforge and its dependencies into $VENV" >&2
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
+  quiet() { grep -v "is neither a file nor a directory" || true; }  # noise from this machine's pip config
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | quiet
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | quiet
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

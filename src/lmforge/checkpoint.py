@@ -281,7 +281,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | N
     eos_list: list[int] = []
     if tokenizer is not None:
         bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-        eos_list = [e for e in [eos, tokenizer.token_to_id("<|im_end|>")] if e is not None]
+        eos_list = list(tokenizer.stop_ids)  # EOS and the template's end-of-turn token
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -75,9 +75,7 @@ def test_atomic_save_never_leaves_partial(tmp_path, good):
 
     class BadTokenizer:
         bos_id, eos_id, pad_id = 1, 2, None
-
-        def token_to_id(self, t):
-            return None
+        stop_ids = [2]
 
         def save(self, d):
             raise Boom()

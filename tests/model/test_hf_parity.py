@@ -82,3 +82,36 @@ def test_llama31_rope_scaling_matches(tmp_path):
     ids = _ids(model.cfg.vocab_size, (1, 100))
     with torch.no_grad():
         assert (model(ids) - ref(ids).logits).abs().max().item() < 1e-4
+
+
+def test_lmforge_model_with_tokenizer_round_trips_through_transformers(tmp_path):
+    """A model lmforge trains and saves is a HF directory: same logits, same ids, same chat string."""
+    import json
+
+    import transformers
+
+    from lmforge.model.config import preset
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import train_bpe
+
+    text = ["def add(a, b):\n    return a + b\n", "Tokenizers split text into pieces. Ünïcödé ✓ 你好 🙂"] * 40
+    tok = train_bpe(iter(text), vocab_size=300)
+    model = Transformer(preset("test").replace(vocab_size=tok.vocab_size))
+    model.init_weights(0)
+    checkpoint.save_model(model.eval(), tmp_path / "m", tokenizer=tok)
+    assert checkpoint.eos_ids(tmp_path / "m") == tok.stop_ids and len(tok.stop_ids) == 2
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["eos_token_id"] == tok.eos_id
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Add 2 and 3."}]
+    ours = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert ours == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(ours)
+    assert ids == hf_tok(ours)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x) - hf_model(x).logits).abs().max().item() < 1e-4
+    reloaded = checkpoint.load_tokenizer(tmp_path / "m")
+    assert reloaded.apply_chat_template(messages, add_generation_prompt=True) == ours
