@@ -13,6 +13,12 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "lmforge.inference.generate:GenerateConfig:run", "generate text from a model (streams to stdout)"),
     ("tokenizer train", "lmforge.tokenizer.train:TrainTokenizerConfig:run", "train a byte-level BPE tokenizer on text files"),
+    ("plan train", "lmforge.plan.commands:TrainPlanConfig:run_train", "pretraining cost: FLOPs, GPU-hours, wall-clock, $, memory per GPU"),
+    ("plan finetune", "lmforge.plan.commands:FinetunePlanConfig:run_finetune", "finetuning cost (full, LoRA, QLoRA): time, $, memory and fit"),
+    ("plan inference", "lmforge.plan.commands:InferencePlanConfig:run_inference", "cost per query and per month, latency, KV cache: API or self-hosted"),
+    ("plan breakeven", "lmforge.plan.commands:BreakevenPlanConfig:run_breakeven", "queries until a one-off cost (e.g. a finetune) pays for itself"),
+    ("plan compare", "lmforge.plan.commands:ComparePlanConfig:run_compare", "compare a scenario's options: costs, break-even volumes, chart, advice"),
+    ("plan calibrate", "lmforge.plan.commands:CalibratePlanConfig:run_calibrate", "a run's measured tokens/s -> this machine's $ per 1M tokens"),
 ]
 
 
