@@ -19,6 +19,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("plan breakeven", "lmforge.plan.commands:BreakevenPlanConfig:run_breakeven", "queries until a one-off cost (e.g. a finetune) pays for itself"),
     ("plan compare", "lmforge.plan.commands:ComparePlanConfig:run_compare", "compare a scenario's options: costs, break-even volumes, chart, advice"),
     ("plan calibrate", "lmforge.plan.commands:CalibratePlanConfig:run_calibrate", "a run's measured tokens/s -> this machine's $ per 1M tokens"),
+    ("rag index", "lmforge.rag.commands:IndexConfig:run_index", "build or update a RAG index of documents (faiss + MiniLM embeddings)"),
+    ("rag search", "lmforge.rag.commands:SearchConfig:run_search", "retrieve the chunks of an index closest to a question, with scores"),
+    ("eval perplexity", "lmforge.eval.perplexity:PerplexityConfig:run", "perplexity over a text file or prepared data, with a sliding window"),
+    ("eval task", "lmforge.eval.task:TaskConfig:run", "accuracy on a JSONL task (exact / contains / choice), few-shot, RAG"),
+    ("compare", "lmforge.eval.compare:CompareConfig:run", "run variants (base, few-shot, RAG, finetuned) on one task: accuracy, latency, cost"),
 ]
 
 
