@@ -1,0 +1,123 @@
+"""Preference pairs for DPO: {"prompt", "chosen", "rejected"} records -> two tokenized conversations whose loss masks
+cover only the responses.
+
+Accepted shapes (per line):
+  {"prompt": "text", "chosen": "text", "rejected": "text"}                  a user turn and two assistant answers
+  {"prompt": [messages], "chosen": [messages] | "text", "rejected": ...}      multi-turn history, then the answers
+  {"chosen": [full conversation], "rejected": [full conversation]}           (Anthropic HH style) the prompt is
+                                                                               the messages both share
+A chosen/rejected list that repeats the prompt messages at its start is accepted too (the repeat is dropped).
+Rendering, masks and truncation are data/sft.py's: the same chat template, the same assistant-span location,
+so a response's log-probability is measured on exactly the tokens SFT would train on. A pair is dropped (and
+counted) when truncation to the context leaves either response without a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.sft import (
+    Example,
+    ReadStats,
+    RecordError,
+    as_messages,
+    chat_renderer,
+    encode_chat,
+    read_jsonl,
+    truncate,
+)
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+    source: str = ""
+
+
+def to_preference(record: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt messages, chosen response messages, rejected response messages) of one record."""
+    if not isinstance(record, dict):
+        raise RecordError(f"each line must be a JSON object, got {type(record).__name__}")
+    if "chosen" not in record or "rejected" not in record:
+        raise RecordError(f"preference records need 'chosen' and 'rejected' (and usually 'prompt'); got keys "
+                          f"{sorted(record)[:8]}")
+    if "prompt" in record and record["prompt"] not in (None, "", []):
+        prompt = as_messages(record["prompt"], "user", "prompt")
+        chosen = as_messages(record["chosen"], "assistant", "chosen")
+        rejected = as_messages(record["rejected"], "assistant", "rejected")
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
+            chosen, rejected = chosen[n:], rejected[n:]
+    else:
+        if not isinstance(record["chosen"], list) or not isinstance(record["rejected"], list):
+            raise RecordError("without 'prompt', 'chosen' and 'rejected' must be full conversations (message lists)")
+        c = as_messages(record["chosen"], "assistant", "chosen")
+        r = as_messages(record["rejected"], "assistant", "rejected")
+        n = 0
+        while n < min(len(c), len(r)) and c[n] == r[n]:
+            n += 1
+        if n == 0:
+            raise RecordError("'chosen' and 'rejected' share no prompt messages; add a 'prompt' field")
+        prompt, chosen, rejected = c[:n], c[n:], r[n:]
+    for name, resp in (("chosen", chosen), ("rejected", rejected)):
+        if not resp or not any(m["role"] == "assistant" for m in resp):
+            raise RecordError(f"'{name}' holds no assistant response after the prompt")
+    if chosen == rejected:
+        raise RecordError("'chosen' and 'rejected' are identical: nothing to prefer")
+    return prompt, chosen, rejected
+
+
+def load_preferences(path: str | Path, tokenizer: Tokenizer, seq_len: int, *, skip_bad: bool = False,
+                     template: str | None = None,
+                     records: list[tuple[str, Any]] | None = None) -> tuple[list[Pair], ReadStats]:
+    """Read, render and tokenize preference pairs (from a JSONL file/dir, or the given (source, record) pairs)."""
+    render = chat_renderer(tokenizer, template)
+    stats = ReadStats()
+
+    def parse(record: Any) -> Pair:
+        prompt, chosen, rejected = to_preference(record)
+        try:
+            return Pair(encode_chat(tokenizer, render, prompt + chosen, train_from=len(prompt)),
+                        encode_chat(tokenizer, render, prompt + rejected, train_from=len(prompt)))
+        except LmforgeError as e:
+            raise RecordError(str(e)) from None
+
+    if records is not None:
+        def gen():
+            for where, r in records:
+                try:
+                    yield where, parse(r)
+                except RecordError as e:
+                    raise LmforgeError(f"{where}: {e}") from None
+        source = gen()
+    else:
+        source = read_jsonl(path, parse, skip_bad, stats)
+    out = []
+    for where, pair in source:
+        if records is not None:
+            stats.records += 1
+        c, cut_c = truncate(pair.chosen, seq_len + 1)
+        r, cut_r = truncate(pair.rejected, seq_len + 1)
+        stats.truncated += cut_c or cut_r
+        if not any(c.train[1:]) or not any(r.train[1:]):
+            stats.dropped_empty += 1
+            continue
+        stats.tokens += len(c) + len(r)
+        stats.train_tokens += sum(c.train[1:]) + sum(r.train[1:])
+        out.append(Pair(c, r, where))
+    if not out:
+        raise LmforgeError(f"{path}: no preference pair has a response to score ({stats.records} read, "
+                           f"{stats.skipped_bad} skipped as malformed, {stats.dropped_empty} truncated to nothing "
+                           f"at seq_len {seq_len})")
+    return out, stats
+
+
+def pair_examples(pairs: list[Pair], idx: list[int]) -> tuple[list[Example], list[list[int]]]:
+    """The examples and rows for one forward over a batch of pairs: rows 0..n-1 chosen, n..2n-1 rejected."""
+    examples = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
+    return examples, [[k] for k in range(len(examples))]

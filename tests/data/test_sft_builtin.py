@@ -1,0 +1,31 @@
+"""The built-in sets from the installed stdlib: deterministic, split by subject, in the shapes eval reads."""
+
+import json
+
+from lmforge.data import builtin_sets as b
+from lmforge.data.sft import to_messages
+
+
+def test_builtin_sets(tmp_path):
+    facts = b.stdlib_facts()
+    assert len(facts) > 500 and {f.kind for f in facts} == {"function", "signature", "class", "module"}
+    train, held = b.split_facts("train"), b.split_facts("heldout")
+    assert not {f.subject for f in train} & {f.subject for f in held}
+    assert 0.05 < len(held) / len(facts) < 0.15
+    # real stdlib knowledge: the answer comes from the docstring or the signature
+    by_subject = {(f.kind, f.subject): f for f in facts}
+    sig = by_subject.get(("signature", "textwrap.fill"))
+    assert sig is None or sig.answer.startswith("fill(text, width=70")
+    paths = b.write_builtin_sets(tmp_path)
+    again = b.write_builtin_sets(tmp_path / "again")
+    for name, p in paths.items():
+        assert p.read_bytes() == again[name].read_bytes()  # deterministic
+    sft = [json.loads(x) for x in paths["sft-train"].read_text().splitlines()]
+    assert to_messages(sft[0])[1]["role"] == "assistant" and len(sft) == len(train)
+    qa = [json.loads(x) for x in paths["heldout-qa"].read_text().splitlines()]
+    assert set(qa[0]) == {"prompt", "answer"} and len(qa) == len(held)
+    mc = [json.loads(x) for x in paths["heldout-mc"].read_text().splitlines()]
+    assert all(len(m["choices"]) == 4 and len(set(m["choices"])) == 4 for m in mc)
+    assert all(m["choices"][m["answer"]] == by_subject[("function", m["question"].split("`")[1])].answer for m in mc)
+    pref = [json.loads(x) for x in paths["pref-train"].read_text().splitlines()]
+    assert all(p["chosen"] != p["rejected"] for p in pref)
