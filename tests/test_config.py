@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lmforge.config import opt, parse_config, save_config, load_yaml
+from lmforge.config import load_yaml, opt, parse_config, save_config
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, ModelConfig
 
