@@ -429,8 +429,21 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
     from lmforge.model.lora import apply_lora, load_lora_state_dict
 
     p = Path(adapter_dir)
+    cfg, state = read_adapter(p)
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    alpha = cfg.get("lora_alpha", 8)
+    apply_lora(model, _peft_targets(cfg, str(p / ADAPTER_CONFIG)), rank=cfg["r"], alpha=alpha, dropout=0.0,
+               use_rslora=bool(cfg.get("use_rslora")), layers=layers)
+    load_lora_state_dict(model, state, source=str(p / ADAPTER_WEIGHTS))
+    return model
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
+    """(adapter_config.json, LoRA tensors in lmforge names: '<module>.lora_A' / '<module>.lora_B')."""
+    p = Path(adapter_dir)
     cfg = read_adapter_config(p)
-    where = str(p / ADAPTER_CONFIG)
     f = p / ADAPTER_WEIGHTS
     if not f.is_file():
         raise LmforgeError(f"{p} has no {ADAPTER_WEIGHTS}; a PEFT adapter directory holds {ADAPTER_CONFIG} and "
@@ -442,11 +455,4 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
         if not name.endswith((".lora_A.weight", ".lora_B.weight")):
             raise LmforgeError(f"{f}: tensor {k!r} is not a LoRA A/B weight; lmforge loads plain LoRA adapters only")
         state[name.removesuffix(".weight")] = v
-    layers = cfg.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    alpha = cfg.get("lora_alpha", 8)
-    apply_lora(model, _peft_targets(cfg, where), rank=cfg["r"], alpha=alpha, dropout=0.0,
-               use_rslora=bool(cfg.get("use_rslora")), layers=layers)
-    load_lora_state_dict(model, state, source=str(f))
-    return model
+    return cfg, state
