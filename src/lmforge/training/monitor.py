@@ -1,0 +1,77 @@
+"""Throughput and model FLOPs utilisation (MFU, PaLM appendix B).
+
+MFU = (tokens/s per device) x (training FLOPs per token) / (peak FLOP/s of one device). FLOPs per token come
+from lmforge.model.accounting.flops_per_token_train, the same function the planner and the benchmarks use, so
+the three agree. The peak is either configured (a datasheet number, e.g. 989e12 for an H100's dense bf16) or
+measured once at start by `measure_peak_flops`: the best rate of a square matmul in the training dtype, which
+is what the hardware actually delivers to this process (on a shared 2-core CPU, far from the datasheet).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None,
+                       seconds: float = 0.5) -> float:
+    """Best observed FLOP/s of a [size x size] @ [size x size] matmul in `dtype` (fp32 when None) on `device`."""
+    import torch
+
+    dtype = dtype or torch.float32
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    flops = 2.0 * size ** 3
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm up kernels and caches
+    sync()
+    best, start = 0.0, time.perf_counter()
+    reps = 0
+    while reps < 3 or (time.perf_counter() - start < seconds and reps < 200):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, flops / max(time.perf_counter() - t, 1e-9))
+        reps += 1
+    return best
+
+
+class Throughput:
+    """Tokens/s and MFU over the interval since the last `rate()` call, plus running totals."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None, world_size: int = 1):
+        self.flops_per_token, self.peak, self.world = flops_per_token, peak_flops, world_size
+        self.tokens_total = 0
+        self.seconds_total = 0.0
+        self._tokens = 0
+        self._seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        """Record one optimizer step of `tokens` (global) that took `seconds` of training time."""
+        self._tokens += tokens
+        self._seconds += seconds
+        self.tokens_total += tokens
+        self.seconds_total += seconds
+
+    def rate(self) -> dict:
+        """{"tokens_per_s", "mfu"} since the previous call (mfu None without a peak)."""
+        tps = self._tokens / self._seconds if self._seconds > 0 else 0.0
+        self._tokens, self._seconds = 0, 0.0
+        return {"tokens_per_s": tps, "mfu": self.mfu(tps)}
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak:
+            return None
+        return tokens_per_s / self.world * self.flops_per_token / self.peak
+
+    @property
+    def flops_total(self) -> float:
+        return self.tokens_total * self.flops_per_token

@@ -1,0 +1,38 @@
+"""The optimizer: AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only.
+
+Parameter groups follow GPT-2/nanoGPT: every parameter with two or more dimensions (linear weights and the
+embedding table) decays; vectors (RMSNorm gains, biases) do not, because shrinking a gain or a bias towards
+zero is not regularisation. Only parameters with requires_grad are optimised, so the same function serves
+full training and LoRA. On CUDA the fused kernel is used; elsewhere torch's foreach implementation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """[decayed matrices, undecayed vectors]; tied parameters appear once."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters de-duplicates tied weights
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over param_groups(model); fused on CUDA."""
+    import torch
+
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)

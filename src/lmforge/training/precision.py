@@ -1,0 +1,60 @@
+"""Compute precision: which autocast dtype a device gets, and the autocast context.
+
+Weights and optimizer state stay fp32 (master weights); matmuls run in bf16 under autocast where the hardware
+has bf16 units: CUDA GPUs with bf16 (Ampere and later), and CPUs with AVX512-BF16 or AMX (oneDNN's bf16
+kernels). Measured on this project's 2-core AMX machine, bf16 autocast trains the small preset faster than fp32
+(bf16 matmul peak is ~5x fp32's there; see benchmarks/bench_train.py). Everywhere else: fp32. No fp16: it needs
+loss scaling, and every device worth training on now has bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(pref: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `pref` ("auto", "bf16", "fp32") on `device`; None means plain fp32."""
+    import torch
+
+    if pref == "fp32":
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        ok = cpu_has_bf16()
+    else:
+        ok = False
+    if pref == "bf16" and not ok:
+        raise LmforgeError(f"--train.dtype bf16: this {device.type} has no bf16 support; use --train.dtype fp32")
+    if pref not in ("auto", "bf16"):
+        raise LmforgeError(f"unknown dtype {pref!r}; use auto, bf16 or fp32")
+    return torch.bfloat16 if ok else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """autocast(device, dtype) when dtype is set, else a no-op context."""
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")

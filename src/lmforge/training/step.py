@@ -1,0 +1,151 @@
+"""The arithmetic of one optimizer step, shared by every recipe: the loss, its normalisation under gradient
+accumulation and data parallelism, and gradient clipping.
+
+Normalisation. A step averages the loss over every target token it sees, across all micro-batches and all
+ranks. Micro-batches can hold different numbers of targets (SFT masks prompts; padding), so averaging each
+micro-batch's mean would weight tokens unequally. Instead each micro-batch contributes its *sum* of token
+losses times `loss_scale(total_targets, world_size)`, where total_targets counts targets over all
+micro-batches of the step on all ranks. DDP and FSDP average gradients over ranks, so the factor world_size
+undoes that average; the result equals one big batch's mean loss exactly (up to float summation order).
+
+The loss itself: `lm_loss_sum` runs the model to its final hidden states and computes cross-entropy with
+`linear_cross_entropy`, which never materialises the [tokens, vocab] logits of the whole batch: it works in
+chunks of tokens and computes the gradients of the hidden states and of the output matrix during the forward
+pass (the gradient of a summed cross-entropy is softmax - onehot), so backward is two scalings. That saves the
+fp32 logits, their softmax and their gradient (three [N, V] fp32 tensors) — most of the memory traffic of the
+loss on a CPU and most of its memory on a GPU. With FSDP the output matrix is sharded outside the model's
+forward, so `fused=False` takes the plain path (logits from the model, then F.cross_entropy).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK = 1024  # tokens per chunk of the fused loss: [1024, V] fp32 logits at a time
+
+
+def count_targets(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """Number of target positions that count towards the loss."""
+    return int((targets != ignore_index).sum())
+
+
+def loss_scale(total_targets: int, world_size: int = 1) -> float:
+    """Factor turning a micro-batch's summed token loss into its share of the step's mean loss.
+
+    total_targets: targets in ALL micro-batches of the step on ALL ranks. world_size compensates for the
+    gradient averaging of DDP/FSDP. Summing scale * loss_sum over micro-batches (and ranks, as DDP's mean times
+    world_size) gives sum(token losses) / total_targets.
+    """
+    if total_targets <= 0:
+        raise ValueError("a step needs at least one target token (every label is ignore_index)")
+    return world_size / total_targets
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Summed token cross-entropy of logits [..., V] against targets [...], in fp32."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
+                           reduction="sum")
+
+
+def _linear_ce_function():
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """sum_i CE(hidden_i @ weight.T, target_i), chunked, with gradients computed in forward."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, ignore_index, chunk, compute_dtype):
+            n = hidden.shape[0]
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for s in range(0, n, chunk):
+                hc, tc = h[s:s + chunk], targets[s:s + chunk]
+                valid = tc != ignore_index
+                safe = tc.masked_fill(~valid, 0)
+                logits = (hc @ w.t()).float()  # c V
+                lse = torch.logsumexp(logits, dim=-1)  # c
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                total += ((lse - picked) * valid).sum()
+                if want_h or want_w:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
+                    g.mul_(valid[:, None])
+                    g = g.to(compute_dtype)
+                    if want_h:
+                        grad_h[s:s + chunk] = g @ w
+                    if want_w:
+                        grad_w += (g.t() @ hc).float()
+            ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+            ctx.dtypes = (hidden.dtype, weight.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+            gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+            return gh, gw, None, None, None, None
+
+    return LinearCrossEntropy
+
+
+_FN = None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of (hidden [..., C] @ weight [V, C].T) against targets [...], fp32 scalar.
+
+    Equal to cross_entropy_sum(hidden @ weight.T, targets) (tested), but chunked over tokens. Under autocast the
+    matmuls run in the autocast dtype, the softmax in fp32, as autocast would do them.
+    """
+    import torch
+
+    global _FN
+    if _FN is None:
+        _FN = _linear_ce_function()
+    dev = hidden.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    with torch.autocast(dev, enabled=False):
+        return _FN.apply(hidden.flatten(0, -2), weight, targets.flatten(), ignore_index, chunk, compute)
+
+
+def lm_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                ignore_index: int = IGNORE_INDEX, fused: bool = True, output_weight: torch.Tensor | None = None,
+                **forward_kwargs) -> torch.Tensor:
+    """Summed next-token cross-entropy of a causal LM on inputs [B, T] against targets [B, T].
+
+    fused: use linear_cross_entropy on the model's final hidden states (pass `output_weight`, the lm_head
+    matrix, when `model` is a wrapper such as DDP). fused=False: full logits, then F.cross_entropy.
+    """
+    if not fused:
+        return cross_entropy_sum(model(inputs, **forward_kwargs), targets, ignore_index)
+    hidden = model(inputs, return_hidden=True, **forward_kwargs)
+    weight = output_weight if output_weight is not None else model.lm_head.weight
+    return linear_cross_entropy(hidden, weight, targets, ignore_index)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (no clipping if max_norm <= 0); returns the norm before clipping.
+
+    Works for plain, DDP and FSDP2 models (torch computes the norm over sharded DTensor gradients).
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
