@@ -207,7 +207,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
         max_len = max_len or self.cfg.max_seq_len
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # lm_head may be swapped out (quantization)
         return KVCache(self.cfg, slots, max_len, device=w.device, dtype=dtype or w.dtype)
 
     # ---- forward ------------------------------------------------------------------------------------

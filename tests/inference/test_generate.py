@@ -1,0 +1,88 @@
+"""Text over the engine: stop strings cut across token boundaries, EOS text dropped, the generate verb."""
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.inference.engine import Engine, TokenEvent
+from lmforge.inference.generate import TextAssembler, chat_ids, stream_text
+from lmforge.inference.load import load
+from lmforge.inference.sampling import SamplingParams
+from tests.inference.tiny import make_model_dir
+
+
+class PieceTokenizer:
+    """Token id i decodes to PIECES[i] (enough of the Tokenizer API for TextAssembler)."""
+
+    PIECES = ["Hel", "lo ", "wo", "rld", "!", "<eos>"]
+
+    def stream_decoder(self):
+        pieces = self.PIECES
+
+        class D:
+            def push(self, i):
+                return pieces[i]
+
+            def flush(self):
+                return ""
+
+        return D()
+
+
+def run_assembler(ids, stop, stop_ids=(5,)):
+    asm = TextAssembler(PieceTokenizer(), stop, stop_ids)
+    out, reason = [], None
+    for n, i in enumerate(ids):
+        end = "stop" if i in stop_ids else ("length" if n == len(ids) - 1 else None)
+        d = asm.feed(TokenEvent(i, finish_reason=end))
+        if d is not None:
+            out.append(d.text)
+            if d.finish_reason:
+                reason = d.finish_reason
+                break
+    return out, reason, asm.n_tokens
+
+
+def test_stop_string_split_across_tokens_is_never_emitted():
+    out, reason, n = run_assembler([0, 1, 2, 3, 4], ["o w"])
+    assert "".join(out) == "Hell" and reason == "stop" and n == 3
+    assert out == ["Hel", "l", ""]  # "o " was held back while it could still start "o w"
+    out, reason, _ = run_assembler([0, 1, 2, 3, 4], ["xyz"])
+    assert "".join(out) == "Hello world!" and reason == "length"
+    out, reason, n = run_assembler([0, 1, 5], [])
+    assert "".join(out) == "Hello " and reason == "stop" and n == 3  # EOS counted, not shown
+    out, _, _ = run_assembler([0, 1, 2], ["lo wo", "Hello"])
+    assert "".join(out) == ""  # the earliest match wins
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load(make_model_dir(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def test_stream_text_with_real_tokenizer(lm):
+    eng = Engine(lm.model, eos_ids=lm.eos_ids).start()
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        ids = chat_ids(lm.tokenizer, [{"role": "user", "content": "Hello there"}])
+        full = "".join(d.text for d in stream_text(eng.submit(ids, greedy), lm.tokenizer))
+        assert full == lm.tokenizer.decode(eng.submit(ids, greedy).result())
+        stop = full[len(full) // 2: len(full) // 2 + 3]
+        deltas = list(stream_text(eng.submit(ids, greedy), lm.tokenizer, [stop]))
+        text = "".join(d.text for d in deltas)
+        assert text == full[:full.index(stop)] and deltas[-1].finish_reason == "stop"
+    finally:
+        eng.stop()
+
+
+def test_generate_verb_streams_to_stdout(lm, capsys):
+    rc = main(["generate", "--model", str(lm.path), "--prompt", "The quick", "--temperature", "0",
+               "--max-new-tokens", "8", "--seed", "1"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    eng = Engine(lm.model, eos_ids=lm.eos_ids)
+    ids = eng.generate([lm.tokenizer.encode("The quick")], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    expect = lm.tokenizer.decode([i for i in ids if i not in lm.eos_ids])
+    assert printed.out == expect + "\n"
+    assert "tokens/s" in printed.err
+    assert main(["generate", "--model", str(lm.path.parent / "nope"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
