@@ -64,8 +64,9 @@ def run_index(cfg: IndexConfig) -> int:
             raise LmforgeError(f"{out} exists and is not a RAG index; choose another --out")
         index = Index.create(out, Embedder.load(cfg.embedder), cfg.chunk_chars or DEFAULT_CHUNK_CHARS,
                              DEFAULT_OVERLAP_CHARS if cfg.overlap_chars is None else cfg.overlap_chars)
+    console = _stderr_console()
     with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-                  TimeRemainingColumn(), transient=True, console=_stderr_console()) as bar:
+                  TimeRemainingColumn(), transient=True, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("embed", total=None)
         stats = index.add_documents(paths, batch_size=cfg.batch_size, prune=cfg.prune,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))

@@ -120,10 +120,11 @@ def augment_messages(index: Index, messages: list[dict], tokenizer: Tokenizer, b
 
 
 def augment_prompt(index: Index, prompt: str, tokenizer: Tokenizer, budget: int, top_k: int = 5,
-                   prefix: str = "", query: str | None = None) -> tuple[str, list[dict]]:
+                   prefix: str = "", query: str | None = None,
+                   count: Callable[[str], int] | None = None) -> tuple[str, list[dict]]:
     """A plain-text prompt: prefix (e.g. few-shot examples) + sources + prompt, within `budget` tokens.
 
-    query: what to retrieve for (default: the prompt itself).
+    query: what to retrieve for (default: the prompt itself). count: tokens of a prompt (default: tokenizer.encode).
     """
     hits = index.search(query if query is not None else prompt, top_k)
 
@@ -132,5 +133,5 @@ def augment_prompt(index: Index, prompt: str, tokenizer: Tokenizer, budget: int,
             return prefix + prompt
         return f"{prefix}{INSTRUCTION}\n\n{context_block(kept)}\n\n{prompt}"
 
-    text, kept = fit(hits, render, lambda t: len(tokenizer.encode(t)), budget)
+    text, kept = fit(hits, render, count or (lambda t: len(tokenizer.encode(t))), budget)
     return text, sources_of(kept)

@@ -1,0 +1,163 @@
+"""A model directory opened for evaluation: prompt ids, log-likelihood scoring, greedy generation with timings.
+
+Loading, prompt encoding, stop ids and text streaming are inference's (inference.load.load, generate.completion_ids
+/ chat_ids / stream_text), so eval measures exactly what `lmforge generate` and `serve` give a user.
+
+Scoring (choice metric) calls the model's forward directly: one batched forward over the context followed by each
+continuation, right-padded (a causal model never looks right, so padding changes nothing before it).
+Generation goes through the Engine, greedy, with at most `concurrency` requests in flight (one worker thread per
+request slot, the engine's scheduler in its own thread): each request's latency is measured from submission to
+its last text, so with concurrency 1 it is the latency one user sees, and tokens/s over the run is the throughput
+a query is priced at. Stop strings are inference's: the request is cancelled when one completes, and the text
+ends before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class Generated:
+    """One generation: the text (cut at a stop string), token counts and the seconds it took."""
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    latency_s: float
+    finish_reason: str
+
+
+class EvalModel:
+    """A loaded checkpoint (model + tokenizer + stop ids) and the scoring/generation calls eval needs."""
+
+    def __init__(self, path: str | Path, dtype: str | None = None, device: str = "cpu"):
+        from lmforge.inference.generate import need_tokenizer
+        from lmforge.inference.load import load
+
+        p = Path(path)
+        if not p.is_dir():
+            raise LmforgeError(f"model directory {p} does not exist; pass --model DIR (an HF model directory, e.g. "
+                               "runs/NAME/final)")
+        self.loaded = load(p, dtype=dtype or "float32")
+        self.path = p
+        try:
+            self.model = self.loaded.model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise LmforgeError(f"cannot put the model on device {device!r}: {e}") from None
+        self.tokenizer = need_tokenizer(self.loaded.tokenizer, "evaluation")
+        self.device = next(self.model.parameters()).device
+        self.max_len = int(self.model.cfg.max_seq_len)
+        self.stop_ids = list(self.loaded.eos_ids)
+
+    # ---- prompts ----------------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return self.tokenizer.chat_template is not None
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a plain-text prompt, as `lmforge generate` encodes it."""
+        from lmforge.inference.generate import completion_ids
+
+        return completion_ids(self.tokenizer, text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat messages with the assistant turn opened, as `lmforge chat` / serve encode them."""
+        from lmforge.inference.generate import chat_ids
+
+        return chat_ids(self.tokenizer, messages)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def count_chat(self, messages: list[dict]) -> int:
+        return len(self.encode_chat(messages))
+
+    def count_text(self, text: str) -> int:
+        return len(self.encode_prompt(text))
+
+    # ---- scoring ----------------------------------------------------------------------------------------
+    def continuation_logprobs(self, context: list[int], continuations: list[list[int]]) -> list[float]:
+        """Sum of log p(continuation tokens | context) for each continuation, in one batched forward.
+
+        When context + continuation is longer than the model's context, the context loses its oldest tokens.
+        """
+        import torch
+
+        if not continuations or any(not c for c in continuations):
+            raise LmforgeError("every continuation needs at least one token")
+        longest = max(len(c) for c in continuations)
+        if longest >= self.max_len:
+            raise LmforgeError(f"a continuation of {longest} tokens does not fit the model's {self.max_len}-token context")
+        ctx = context[-(self.max_len - longest):] if len(context) + longest > self.max_len else context
+        if not ctx:
+            raise LmforgeError("scoring needs a non-empty context: the prompt encodes to no tokens")
+        rows = [ctx + c for c in continuations]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        with torch.inference_mode():
+            logp = torch.log_softmax(self.model(ids.to(self.device)).float(), dim=-1)  # B T V
+        out = []
+        for i, c in enumerate(continuations):
+            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c))  # the positions that predict c
+            out.append(float(logp[i, pos, torch.tensor(c)].sum()))
+        return out
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str] | None = None,
+                 concurrency: int = 1, on_done: Callable[[int, Generated], None] | None = None) -> list[Generated]:
+        """Greedy completions of token-id prompts, `concurrency` at a time; on_done(i, result) as each finishes
+        (called from one thread at a time)."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from lmforge.inference.engine import ContextLengthExceeded, Engine
+        from lmforge.inference.generate import stream_text
+        from lmforge.inference.sampling import SamplingParams
+
+        if concurrency < 1:
+            raise LmforgeError(f"concurrency must be at least 1, got {concurrency}")
+        for i, p in enumerate(prompts):
+            if len(p) >= self.max_len:
+                raise LmforgeError(f"example {i + 1}: its prompt has {len(p)} tokens, the model's context "
+                                   f"{self.max_len}; shorten it")
+        engine = Engine(self.model, max_batch=concurrency, max_len=self.max_len, eos_ids=self.stop_ids)
+        lock = threading.Lock()
+        results: list[Generated | None] = [None] * len(prompts)
+
+        def one(i: int) -> None:
+            ids = prompts[i]
+            params = SamplingParams(max_tokens=max(1, min(max_new_tokens, self.max_len - len(ids))), temperature=0.0)
+            t0 = time.perf_counter()
+            try:
+                gen = engine.submit(ids, params)
+            except ContextLengthExceeded as e:
+                raise LmforgeError(f"example {i + 1}: {e}") from None
+            parts, n, reason, error = [], 0, None, None
+            for d in stream_text(gen, self.tokenizer, stop or ()):
+                parts.append(d.text)
+                n, reason, error = d.completion_tokens, d.finish_reason or reason, d.error or error
+            if reason == "error":
+                raise LmforgeError(f"generation failed on example {i + 1}: {error}")
+            r = Generated("".join(parts), len(ids), n, time.perf_counter() - t0, reason or "length")
+            results[i] = r
+            if on_done is not None:
+                with lock:
+                    on_done(i, r)
+
+        engine.start()
+        try:
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lmforge-eval") as pool:
+                for f in [pool.submit(one, i) for i in range(len(prompts))]:
+                    f.result()  # re-raises a worker's error
+        finally:
+            engine.stop()
+        return results  # type: ignore[return-value]
