@@ -12,6 +12,8 @@ import sys
 
 COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "lmforge.inference.generate:GenerateConfig:run", "generate text from a model (streams to stdout)"),
+    ("chat", "lmforge.inference.chat:ChatConfig:run", "chat with a model in the terminal (streaming, history)"),
+    ("serve", "lmforge.serve.server:ServeConfig:run", "OpenAI-compatible API server and chat page"),
     ("tokenizer train", "lmforge.tokenizer.train:TrainTokenizerConfig:run", "train a byte-level BPE tokenizer on text files"),
     ("plan train", "lmforge.plan.commands:TrainPlanConfig:run_train", "pretraining cost: FLOPs, GPU-hours, wall-clock, $, memory per GPU"),
     ("plan finetune", "lmforge.plan.commands:FinetunePlanConfig:run_finetune", "finetuning cost (full, LoRA, QLoRA): time, $, memory and fit"),

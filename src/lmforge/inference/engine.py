@@ -30,6 +30,7 @@ drives `step()` itself (tests, the `generate` verb). A `Generation` handle yield
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import queue
@@ -38,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -146,6 +147,9 @@ class Generation:
                 pass
 
 
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, for /metrics
+
+
 @dataclass
 class EngineStats:
     """Counters for /metrics. Written by the engine thread only; readers see a consistent-enough snapshot."""
@@ -156,6 +160,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     ttft_sum: float = 0.0
     ttft_count: int = 0
+    ttft_hist: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))  # per bucket, not cumulative
     decode_steps: int = 0
     decode_seconds: float = 0.0
     decode_tokens: int = 0
@@ -407,8 +412,12 @@ class Engine:
                 g._penalty.update(tok)
             if g.t_first is None:
                 g.t_first = now
-                self.stats.ttft_sum += now - g.t_submit
+                ttft = now - g.t_submit
+                self.stats.ttft_sum += ttft
                 self.stats.ttft_count += 1
+                b = bisect.bisect_left(TTFT_BUCKETS, ttft)
+                if b < len(TTFT_BUCKETS):
+                    self.stats.ttft_hist[b] += 1
             self.stats.generation_tokens_total += 1
             reason = None
             if tok in g._stop_ids:

@@ -1,0 +1,128 @@
+"""`lmforge chat`: a terminal chat with a model: the reply streams token by token, the conversation is kept.
+
+Commands typed at the prompt: /reset (forget the conversation), /system TEXT (set the system prompt and
+reset), /exit (or Ctrl-D). Ctrl-C while a reply streams stops that reply and keeps what was said.
+Each turn re-renders the whole conversation with the model's chat template, as the server does; when the
+conversation outgrows the context, the oldest turns are dropped (the system prompt stays).
+
+Owns the REPL only; the text layer is generate.py, the tokens come from the Engine.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from lmforge.config import opt
+from lmforge.errors import LmforgeError
+from lmforge.inference.generate import chat_ids, need_tokenizer, stream_text
+
+HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply)"
+
+
+@dataclass
+class ChatConfig:
+    model: str = opt("", "model directory (Hugging Face layout, with a chat template)")
+    system: str = opt("", "system prompt")
+    max_new_tokens: int = opt(512, "most tokens per reply")
+    temperature: float = opt(0.7, "sampling temperature; 0 = greedy")
+    top_p: float = opt(0.95, "nucleus sampling mass (1 = off)")
+    top_k: int = opt(0, "keep only the k most likely tokens (0 = off)")
+    repetition_penalty: float = opt(1.0, "CTRL-style repetition penalty (1 = off)")
+    seed: int | None = opt(None, "random seed for sampling")
+    quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
+    dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
+    stats: bool = opt(True, "print tokens/s after each reply (to stderr)")
+
+
+def fit_history(tokenizer, system: str, turns: list[dict], max_prompt: int) -> tuple[list[int], list[dict]]:
+    """Prompt ids for the conversation, dropping the oldest user/assistant pairs until it fits."""
+    turns = list(turns)
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
+        ids = chat_ids(tokenizer, messages)
+        if len(ids) <= max_prompt or len(turns) <= 1:
+            return ids, turns
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+
+
+def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """The loop, over any text streams (default: the process's; tests drive it with StringIO)."""
+    from lmforge.inference.sampling import SamplingParams
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+
+    interactive = stdin.isatty()
+    system, turns = cfg.system, []
+    print(f"lmforge chat  ({HELP})", file=sys.stderr)
+    while True:
+        if interactive:
+            stdout.write("\n> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            turns = []
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system, turns = text[len("/system"):].strip(), []
+            print(f"[system prompt set{'' if system else ' (empty)'}; conversation reset]", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"[unknown command; {HELP}]", file=sys.stderr)
+            continue
+        turns.append({"role": "user", "content": text})
+        ids, turns = fit_history(tokenizer, system, turns, engine.max_len - 1)
+        if len(ids) >= engine.max_len:
+            print(f"[message too long for the {engine.max_len}-token context]", file=sys.stderr)
+            turns.pop()
+            continue
+        params = SamplingParams(max_tokens=min(cfg.max_new_tokens, engine.max_len - len(ids)),
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+        gen = engine.submit(ids, params)
+        reply, n, t0 = [], 0, time.perf_counter()
+        try:
+            for d in stream_text(gen, tokenizer):
+                stdout.write(d.text)
+                stdout.flush()
+                reply.append(d.text)
+                n = d.completion_tokens
+        except KeyboardInterrupt:
+            gen.cancel()
+            stdout.write(" [stopped]")
+        stdout.write("\n")
+        stdout.flush()
+        turns.append({"role": "assistant", "content": "".join(reply)})
+        if cfg.stats and gen.t_first is not None:
+            dt = time.perf_counter() - t0
+            rate = (n - 1) / max((gen.t_done or time.perf_counter()) - gen.t_first, 1e-9) if n > 1 else 0.0
+            print(f"[{n} tokens in {dt:.2f}s, {rate:.1f} tokens/s]", file=sys.stderr)
+
+
+def run(cfg: ChatConfig) -> int:
+    from lmforge.inference.engine import Engine
+    from lmforge.inference.load import load
+
+    if not cfg.model:
+        raise LmforgeError("--model DIR is required (a model directory with a chat template)")
+    lm = load(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
+    tok = need_tokenizer(lm.tokenizer, "chat")
+    if tok.chat_template is None:
+        raise LmforgeError(f"{cfg.model} has no chat template (tokenizer_config.json chat_template); use "
+                           "`lmforge generate` for plain text, or a chat/instruct model")
+    with Engine(lm.model, max_batch=1, eos_ids=lm.eos_ids) as engine:
+        try:
+            repl(engine, tok, cfg)
+        except KeyboardInterrupt:
+            pass
+    return 0

@@ -1,0 +1,102 @@
+"""The `lmforge serve` verb: parse --model / --adapter specs, load them in the background, run uvicorn.
+
+    lmforge serve --model runs/x/final                      # served as "final"
+    lmforge serve --model chat=runs/x/final --model base=runs/y/final --adapter sql=base:runs/z/adapter
+
+Every model and adapter gets its own Engine (an adapter is merged into its own copy of the base weights, so
+it decodes at the base model's speed). The port answers /health with 503 while they load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import opt
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ServeConfig:
+    model: list[str] = opt(help="model directory to serve, as DIR or NAME=DIR (repeatable)", default_factory=list)
+    adapter: list[str] = opt(help="LoRA adapter to serve, as NAME=BASE_NAME:ADAPTER_DIR (repeatable)",
+                             default_factory=list)
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "port to listen on")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY)")
+    max_batch: int = opt(8, "requests decoded together per model (KV cache slots)")
+    max_queue: int = opt(64, "requests that may wait for a slot before the server answers 429")
+    max_len: int | None = opt(None, "context length served (default: the model's max_seq_len)")
+    dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
+    quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
+    compile: bool = opt(False, "torch.compile the decode step (slow to start, faster per token)")
+    max_body_mb: float = opt(2.0, "largest request body accepted, in MB (larger: 413)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    log_level: str = opt("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def parse_specs(models: list[str], adapters: list[str]) -> list[tuple[str, Path, Path | None]]:
+    """(name, model dir, adapter dir or None) for each served name; LmforgeError on anything unclear."""
+    if not models:
+        raise LmforgeError("give at least one --model DIR (or NAME=DIR)")
+    out: list[tuple[str, Path, Path | None]] = []
+    bases: dict[str, Path] = {}
+    for spec in models:
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        p = Path(path)
+        name = name or p.resolve().name
+        if not p.is_dir():
+            raise LmforgeError(f"--model {spec}: directory {p} does not exist")
+        if name in bases:
+            raise LmforgeError(f"two models are named {name!r}; name them with --model NAME=DIR")
+        bases[name] = p
+        out.append((name, p, None))
+    for spec in adapters:
+        name, eq, rest = spec.partition("=")
+        base, colon, path = rest.partition(":")
+        if not (eq and colon and name and base and path):
+            raise LmforgeError(f"--adapter {spec!r}: write it as NAME=BASE_NAME:ADAPTER_DIR")
+        if base not in bases:
+            raise LmforgeError(f"--adapter {spec}: no --model is named {base!r} (served: {', '.join(bases)})")
+        if name in bases or any(n == name for n, _, _ in out):
+            raise LmforgeError(f"--adapter {spec}: the name {name!r} is already taken")
+        if not Path(path).is_dir():
+            raise LmforgeError(f"--adapter {spec}: directory {path} does not exist")
+        out.append((name, bases[base], Path(path)))
+    return out
+
+
+def make_loader(specs: list[tuple[str, Path, Path | None]], dtype: str, quantize: str | None):
+    from lmforge.inference.load import load
+
+    def loader():
+        loaded = {}
+        for name, path, adapter in specs:
+            print(f"loading {name} from {path}" + (f" with adapter {adapter}" if adapter else ""), file=sys.stderr)
+            loaded[name] = load(path, dtype=dtype, quantize=quantize, adapter=adapter, name=name)
+        print(f"ready: {', '.join(loaded)}", file=sys.stderr)
+        return loaded
+
+    return loader
+
+
+def run(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from lmforge.serve.app import create_app
+
+    specs = parse_specs(cfg.model, cfg.adapter)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    app = create_app(loader=make_loader(specs, cfg.dtype, cfg.quantize), api_key=key, max_batch=cfg.max_batch,
+                     max_queue=cfg.max_queue, max_len=cfg.max_len, max_body_bytes=int(cfg.max_body_mb * 1e6),
+                     compile=cfg.compile)
+    print(f"lmforge serve: http://{cfg.host}:{cfg.port}/ (chat page), OpenAI API at http://{cfg.host}:{cfg.port}/v1"
+          + (" (API key required)" if key else ""), file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    return 0
