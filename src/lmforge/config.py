@@ -177,11 +177,10 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
             kwargs.pop("dest")
             group.add_argument(key, nargs="?", metavar=key.rsplit(".", 1)[-1].upper(), **kwargs)
             continue
-        names = [f"--{key}"]
-        if "_" in key:
-            names.append("--" + key.replace("_", "-"))
-        if meta.get("flag"):
-            names.append(meta["flag"])
+        # shown: the dashed form (and a short flag); accepted too but hidden: the field's own underscore name
+        names = [meta["flag"]] if meta.get("flag") else []
+        names.append("--" + key.replace("_", "-"))
+        hidden = f"--{key}" if "_" in key else None
         names = list(dict.fromkeys(names))
         if inner is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -191,6 +190,8 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         else:
             kwargs["metavar"] = getattr(inner, "__name__", "VALUE").upper() if inner in (int, float) else "VALUE"
         group.add_argument(*names, **kwargs)
+        if hidden and hidden not in names:
+            group.add_argument(hidden, **{**kwargs, "help": argparse.SUPPRESS})
     return parser
 
 
