@@ -11,6 +11,12 @@ import os
 import sys
 
 COMMANDS: list[tuple[str, str, str]] = [
+    ("prepare", "lmforge.pretrain.prepare:PrepareConfig:run", "corpus -> tokenizer -> token shards for pretraining (built-in corpus: default)"),
+    ("pretrain", "lmforge.pretrain.train:PretrainConfig:run", "pretrain a model from scratch on prepared token shards"),
+    ("finetune sft", "lmforge.finetune.sft:SFTConfig:run", "supervised finetuning on chat JSONL (full or --lora); --data builtin"),
+    ("finetune dpo", "lmforge.finetune.dpo:DPOConfig:run", "preference tuning (DPO/IPO) on prompt/chosen/rejected JSONL (full or --lora)"),
+    ("finetune cpt", "lmforge.finetune.cpt:CPTConfig:run", "continued pretraining of a model on prepared token shards"),
+    ("merge", "lmforge.finetune.merge:MergeConfig:run", "fold a LoRA adapter into its base: a full Hugging Face model directory"),
     ("generate", "lmforge.inference.generate:GenerateConfig:run", "generate text from a model (streams to stdout)"),
     ("chat", "lmforge.inference.chat:ChatConfig:run", "chat with a model in the terminal (streaming, history)"),
     ("serve", "lmforge.serve.server:ServeConfig:run", "OpenAI-compatible API server and chat page"),

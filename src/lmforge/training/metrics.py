@@ -106,7 +106,7 @@ class ProgressBar:
 
     def update(self, completed: float, loss: float | None = None, tokens_per_s: float | None = None,
                line: str | None = None) -> None:
-        """Move the bar; `line` is printed (above the bar, or alone when stderr is not a terminal)."""
+        """Move the bar; `line`, a log line with the same figures, is printed only when there is no live bar."""
         if not self.enabled:
             return
         if self._progress is not None:
@@ -116,7 +116,7 @@ class ProgressBar:
             if tokens_per_s is not None:
                 fields["tps"] = _fmt_tokens(tokens_per_s)
             self._progress.update(self._task, completed=min(completed, self.total), **fields)
-        if line:
+        elif line:
             self.print(line)
 
     def print(self, text: str) -> None:

@@ -23,8 +23,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None = None, s
 
     dtype = dtype or torch.float32
     size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # private: the training RNG stream stays untouched
+    a = torch.randn(size, size, device=device, generator=g).to(dtype)
+    b = torch.randn(size, size, device=device, generator=g).to(dtype)
     flops = 2.0 * size ** 3
 
     def sync():

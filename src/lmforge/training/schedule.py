@@ -49,3 +49,9 @@ def step_progress(step: int, total_steps: int, warmup_steps: int = 0) -> float:
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def total_steps(max_steps: int | None, max_tokens: int | None, tokens_per_step: int) -> int | None:
+    """Length of the schedule in steps: the first of max_steps and max_tokens reached (None if neither is set)."""
+    limits = [s for s in (max_steps, -(-max_tokens // tokens_per_step) if max_tokens else None) if s]
+    return min(limits) if limits else None

@@ -79,16 +79,22 @@ def _step_of(d: Path) -> int | None:
     return int(state["step"]) if state and "step" in state else None
 
 
-def resume_point(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint with trainer state: the newest checkpoints/step-N, or final/ if newer."""
-    newest = ckpt.latest_checkpoint(run_dir)
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints with trainer state, newest first: final/ (if it is the newest), then checkpoints/step-N."""
+    steps = [d for _, d in ckpt.checkpoints(run_dir) if (d / "trainer_state" / "state.pt").is_file()]
     fin = final_dir(run_dir)
     if ckpt.is_complete(fin) and (fin / "trainer_state" / "state.pt").is_file():
         fin_step = _step_of(fin)
-        new_step = int(newest.name.split("-")[1]) if newest is not None else -1
-        if fin_step is not None and fin_step >= new_step:
-            return fin
-    return newest
+        newest = int(steps[0].name.split("-")[1]) if steps else -1
+        if fin_step is not None and fin_step >= newest:
+            return [fin] + steps
+    return steps
+
+
+def resume_point(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint with trainer state, or None."""
+    found = resume_candidates(run_dir)
+    return found[0] if found else None
 
 
 def clean_partial(run_dir: str | Path) -> None:

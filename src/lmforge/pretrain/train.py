@@ -1,0 +1,416 @@
+"""`lmforge pretrain`: train a decoder from scratch on the token shards `lmforge prepare` wrote.
+
+    lmforge pretrain --data data/default --preset tiny --out runs/first
+    torchrun --nproc_per_node 8 $(which lmforge) pretrain --data data/big --preset small --train.parallel fsdp
+
+`run` is the whole recipe, top to bottom: set up (process group, data, model, optimizer, resume), then one
+loop: budget check -> learning rate -> micro-batches with loss.backward() -> clip -> optimizer step -> log ->
+evaluate -> checkpoint. The arithmetic lives in lmforge.training (tested there); this file decides the order.
+
+Decisions:
+- The model's vocabulary is the data's tokenizer's (model.vocab_size is derived, not configured).
+- Budget: --max-steps, --max-tokens, --max-time; the first reached stops the run. The LR schedule spans the
+  step/token budget, or the time budget when it is the only one. With none given: 600 steps.
+- Resume: running the same command again (resume is on by default) continues from the newest valid
+  checkpoint in --out: weights, optimizer, schedule step, data position and RNG states, so on CPU a resumed run
+  reproduces the uninterrupted one exactly. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a
+  checkpoint and exits with status 130; SIGKILL at any moment leaves only whole checkpoints (atomic writes).
+- Data parallel under torchrun: each rank reads its slice of the same global batch (see data/shards.py), so N
+  ranks with batch B train like one process with batch N*B. FSDP2 with --train.parallel fsdp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lmforge import checkpoint as ckpt
+from lmforge.config import opt, save_config, to_dict
+from lmforge.data.shards import TokenLoader, TokenShards
+from lmforge.errors import LmforgeError
+from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.training import state
+from lmforge.training.config import TrainConfig
+from lmforge.training.distributed import (
+    Runtime,
+    all_reduce_sum,
+    broadcast_object,
+    cleanup,
+    grad_sync,
+    is_sharded,
+    load_optimizer_state,
+    setup,
+    unwrap,
+    wrap_model,
+)
+from lmforge.training.evaluate import evaluate, sample
+from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
+from lmforge.training.monitor import Throughput, measure_peak_flops
+from lmforge.training.optim import build_optimizer
+from lmforge.training.precision import autocast, dtype_name, resolve_dtype
+from lmforge.training.report import write_summary
+from lmforge.training.schedule import lr_at, set_lr, step_progress, total_steps
+from lmforge.training.step import clip_grad_norm, count_targets, lm_loss_sum, loss_scale
+
+DEFAULT_STEPS = 600
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = opt("tiny", "model shape preset (lmforge.model.config.PRESETS); --model.KEY overrides a field",
+                      preset_for="model", presets=PRESETS, choices=list(PRESETS))
+    model: ModelConfig = opt(default_factory=lambda: dataclasses.replace(PRESETS["tiny"]))
+    train: TrainConfig = opt(default_factory=TrainConfig)
+    data: str = opt("data/default", "prepared data directory (from lmforge prepare)")
+    out: str = opt("runs/pretrain", "run directory: checkpoints/, final/, metrics.jsonl, loss.png, report.md")
+
+
+class _StopRequest:
+    """First Ctrl-C (or SIGTERM): finish this step, save, exit. Second Ctrl-C: abort at once."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.requested, self._log, self._old = False, log, {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers, Ctrl-C raises as usual
+            self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _model_config(cfg: PretrainConfig, vocab_size: int, log) -> ModelConfig:
+    mc = dataclasses.replace(cfg.model)
+    if mc.vocab_size != vocab_size:
+        log(f"model.vocab_size set to {vocab_size}, the data's tokenizer (was {mc.vocab_size})")
+        mc.vocab_size = vocab_size
+    mc.validate()
+    t = cfg.train
+    if t.seq_len > mc.max_seq_len:
+        raise LmforgeError(f"--seq-len {t.seq_len} is longer than the model's context (model.max_seq_len "
+                           f"{mc.max_seq_len}); lower --seq-len or raise --model.max_seq_len")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(t, name) < 1:
+            raise LmforgeError(f"--train.{name} must be at least 1")
+    if t.lr <= 0:
+        raise LmforgeError(f"--lr must be positive, got {t.lr}")
+    return mc
+
+
+def _load_resumable(candidates: list[Path], mc: ModelConfig, log, torch):
+    """(model, trainer state, directory) from the newest loadable checkpoint, or (None, None, None).
+
+    A damaged checkpoint (unreadable weights or trainer state) is reported and skipped for the next older one;
+    if every checkpoint is damaged the run stops with an error rather than silently starting over.
+    """
+    problems = []
+    for d in candidates:
+        try:
+            old = ckpt.load_config(d)
+        except LmforgeError as e:
+            problems.append(str(e))
+            log(f"warning: skipping damaged checkpoint {d}: {e}")
+            continue
+        old_d, new_d = dataclasses.asdict(old), dataclasses.asdict(mc)
+        if old_d != new_d:
+            diff = ", ".join(f"{k}: {old_d[k]} there, {new_d[k]} here" for k in new_d if old_d[k] != new_d[k])
+            raise LmforgeError(f"the checkpoint {d} has a different model shape ({diff}); use the same settings "
+                               "to resume, or another --out for a new run")
+        try:
+            trainer = ckpt.load_trainer_state(d)
+            if trainer is None or "optimizer" not in trainer:
+                raise LmforgeError(f"{d} has no usable trainer state")
+            model = ckpt.load_model(d, dtype=torch.float32)
+        except LmforgeError as e:
+            problems.append(str(e))
+            log(f"warning: skipping damaged checkpoint {d}: {e}")
+            continue
+        return model, trainer, d
+    if problems:
+        raise LmforgeError("no checkpoint in the run directory could be loaded (" + "; ".join(problems) + "); "
+                           "delete the damaged checkpoints, or use another --out to start over")
+    return None, None, None
+
+
+def _val_batches(shards: TokenShards, t: TrainConfig, rt: Runtime):
+    """This rank's share of the first eval_tokens of the validation split, as (inputs, targets) batches.
+
+    Every rank gets the same number of batches (FSDP's forward is collective)."""
+    import numpy as np
+    import torch
+
+    seq = min(t.seq_len, len(shards) - 1)
+    n_total = (len(shards) - 1) // seq
+    n = max(rt.world_size, (min(n_total, max(1, t.eval_tokens // seq)) // rt.world_size) * rt.world_size)
+    mine = list(range(rt.rank, n, rt.world_size))
+    for i in range(0, len(mine), t.batch_size):
+        rows = [shards.read(w % n_total * seq, w % n_total * seq + seq + 1) for w in mine[i:i + t.batch_size]]
+        batch = torch.from_numpy(np.stack(rows))
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def run(cfg: PretrainConfig, on_step: Callable[[int, dict], bool | None] | None = None) -> int:
+    """Train; returns 0 when the budget is reached, 130 when stopped early (checkpoint saved).
+
+    on_step(step, record) is called after every optimizer step; returning True stops the run like Ctrl-C.
+    """
+    import torch
+
+    t = cfg.train
+    rt = setup(t.device)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rt.is_main else (lambda msg: None)
+    try:
+        return _run(cfg, t, rt, log, on_step, torch)
+    finally:
+        cleanup()
+
+
+def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) -> int:
+    from lmforge.model.accounting import flops_per_token_train, n_params, param_counts
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    out = Path(cfg.out)
+
+    # ---- data ----------------------------------------------------------------------------------------
+    train_data, val_data = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
+    manifest = train_data.manifest
+    tokenizer = Tokenizer.load(Path(cfg.data) / "tokenizer")
+    mc = _model_config(cfg, tokenizer.vocab_size, log)
+    loader = TokenLoader(train_data, t.seq_len, t.batch_size, t.seed, rt.rank, rt.world_size)
+    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * rt.world_size
+    if not (t.max_steps or t.max_tokens or t.max_time):
+        t.max_steps = DEFAULT_STEPS
+    horizon = total_steps(t.max_steps, t.max_tokens, tokens_per_step)
+
+    # ---- resume or start -----------------------------------------------------------------------------
+    candidates: list[Path] = []
+    if rt.is_main:
+        state.clean_partial(out)
+        if t.resume:
+            candidates = state.resume_candidates(out)
+        elif ckpt.checkpoints(out) or (out / "final").exists():
+            raise LmforgeError(f"{out} already holds checkpoints; resume (drop --no-resume) or pick another --out")
+    candidates = broadcast_object(candidates, rt)
+    state.seed_everything(t.seed)
+    model, trainer, resume_from = _load_resumable(candidates, mc, log, torch)
+    if model is None:
+        model = Transformer(mc)
+        model.init_weights(t.seed)
+    model.to(rt.device).train()
+    model.activation_checkpointing = t.activation_checkpointing
+    model = wrap_model(model, rt, t.parallel)
+    raw = unwrap(model)  # the module itself: evaluation, sampling, the output matrix of the fused loss
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+    step, tokens, elapsed = 0, 0, 0.0
+    if trainer is not None:
+        load_optimizer_state(model, optimizer, trainer["optimizer"])
+        loader.load_state_dict(trainer["loader"])
+        state.set_rng_state(trainer["rng"])
+        step, tokens, elapsed = int(trainer["step"]), int(trainer["tokens"]), float(trainer["elapsed"])
+        log(f"resuming from step {step} ({resume_from})")
+    if t.compile:
+        model = torch.compile(model)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # ---- measurement and output ----------------------------------------------------------------------
+    amp = resolve_dtype(t.dtype, rt.device)
+    amp_ctx = lambda: autocast(rt.device, amp)  # noqa: E731
+    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    monitor = Throughput(flops_per_token_train(mc, t.seq_len), peak, rt.world_size)
+    metrics = MetricsWriter(out, step if trainer else None, t.tensorboard) if rt.is_main else None
+    fused = t.fused_loss and not is_sharded(model)
+    counts = param_counts(mc)
+    log(f"model: {n_params(mc) / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
+        f"{mc.n_layers} layers x {mc.hidden_size}; data: {len(train_data):,} train tokens; "
+        f"{tokens_per_step:,} tokens/step on {rt.world_size} x {rt.device.type} ({dtype_name(amp)}), "
+        f"peak {peak / 1e12:.2f} TFLOP/s per device")
+    bar_total = horizon if horizon else t.max_time
+    bar = ProgressBar(bar_total or 1, "steps" if horizon else "s", enabled=rt.is_main,
+                      start=step if horizon else elapsed)
+    stop = _StopRequest(log)
+    lineage = {"stage": "pretrain", "data": str(cfg.data), "data_fingerprint": manifest.get("fingerprint"),
+               "tokenizer_sha256": manifest["tokenizer"]["sha256"], "preset": cfg.preset}
+    last: dict = {}
+    val: dict = {}
+    samples: list[dict] = []
+    stop_reason = None
+
+    def save_to(where: Path) -> None:
+        st = {"step": step, "tokens": tokens, "elapsed": elapsed, "loader": loader.state_dict(),
+              "config": to_dict(cfg)}
+        state.save(model, optimizer, rt, where, trainer_state=st, tokenizer=tokenizer,
+                   lineage=dict(lineage, steps=step, tokens=tokens, flops=tokens * monitor.flops_per_token))
+
+    def run_eval() -> None:
+        nonlocal val, samples
+        val = evaluate(raw, _val_batches(val_data, t, rt), amp_ctx, val_data.tokens_per_byte,
+                       reduce=lambda v: all_reduce_sum(v, rt))
+        samples = []
+        if rt.is_main or is_sharded(model):
+            prompts = [[tokenizer.eos_id], [tokenizer.eos_id] + val_data.read(0, 8).tolist()]
+            for i, p in enumerate(prompts[:t.samples]):
+                ids = sample(raw, p, t.sample_tokens, temperature=0.8, top_k=50, seed=t.seed + i,
+                             stop_ids=[tokenizer.eos_id])
+                samples.append({"prompt": tokenizer.decode(p), "text": tokenizer.decode(p[1:] + ids)})
+        bpb = f", {val['bpb']:.3f} bits/byte" if val.get("bpb") else ""
+        bar.print(f"step {step}: val loss {val['loss']:.4f} (ppl {val['ppl']:.1f}{bpb})")
+        for s in samples:
+            bar.print("  sample: " + repr(s["text"][:300]))
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    try:
+        while True:
+            # budget and stop requests (agreed by all ranks, whose clocks differ)
+            reason = None
+            if horizon is not None and step >= horizon:
+                reason = "budget (steps/tokens) reached"
+            elif t.max_time and elapsed >= t.max_time:
+                reason = f"time limit ({t.max_time:g}s) reached"
+            elif stop.requested:
+                reason = "interrupted"
+            if rt.distributed:
+                agreed = all_reduce_sum([1.0 if reason else 0.0, 1.0 if stop.requested else 0.0], rt)
+                if agreed[1] and not stop.requested:
+                    stop.requested, reason = True, "interrupted"
+                elif agreed[0] and not reason:
+                    reason = "time limit reached"
+            if reason:
+                stop_reason = reason
+                break
+
+            t0 = time.perf_counter()
+            progress = step_progress(step, horizon, t.warmup_steps) if horizon else elapsed / t.max_time
+            lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+            set_lr(optimizer, lr)
+
+            # one optimizer step = grad_accum micro-batches; each adds its summed token loss times 1/targets
+            batches = [loader.next_batch() for _ in range(t.grad_accum)]
+            # every target counts in pretraining, so the global count is this rank's count times the ranks
+            scale = loss_scale(sum(count_targets(y) for _, y in batches) * rt.world_size, rt.world_size)
+            step_loss = torch.zeros((), device=rt.device)
+            for i, (x, y) in enumerate(batches):
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                with grad_sync(model, i == len(batches) - 1):
+                    with amp_ctx():
+                        loss = lm_loss_sum(model, x, y, fused=fused, output_weight=raw.lm_head.weight) * scale
+                    loss.backward()
+                step_loss += loss.detach()
+            grad_norm = clip_grad_norm(model, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step += 1
+            tokens += tokens_per_step
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            monitor.add(tokens_per_step, dt)
+
+            # log, evaluate, checkpoint
+            at_end = horizon is not None and step >= horizon
+            record = None
+            if step % t.log_every == 0 or at_end or step == 1:
+                loss_value = all_reduce_sum([float(step_loss)], rt)[0] / rt.world_size
+                record = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "elapsed_s": round(elapsed, 3), **monitor.rate(), "epoch": round(loader.epoch, 4)}
+                last = record
+            if (t.eval_every and step % t.eval_every == 0) or at_end:
+                run_eval()
+                record = dict(record or {"step": step, "tokens": tokens}, val_loss=val["loss"],
+                              val_ppl=val["ppl"], val_bpb=val["bpb"])
+            if record is not None:
+                if metrics:
+                    metrics.write(record)
+                line = None
+                if "loss" in record:
+                    mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") else ""
+                    line = f"step {step}: loss {record['loss']:.4f} lr {lr:.2e} {record['tokens_per_s']:,.0f} tok/s{mfu}"
+                bar.update(step if horizon else elapsed, loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"),
+                           line=line)
+            if t.save_every and step % t.save_every == 0 and not at_end:
+                save_to(state.step_dir(out, step))
+                if rt.is_main:
+                    state.prune(out, t.keep_last)
+            if on_step is not None and on_step(step, record or {"step": step, "loss": float(step_loss)}):
+                stop.requested = True
+    finally:
+        stop.restore()
+        bar.close()
+
+    # ---- the end: final weights (or a checkpoint to resume from), plot, report ----------------------------
+    interrupted = stop_reason == "interrupted"
+    already_done = trainer is not None and resume_from.name == "final" and step == int(trainer["step"])
+    if step == 0 or (already_done and not interrupted):
+        log(f"nothing to do: {out} is already trained to step {step} (raise --max-steps to train further)"
+            if step else "stopped before the first step; nothing saved")
+        if metrics:
+            metrics.close()
+        return 0
+    if interrupted:
+        save_to(state.step_dir(out, step))
+        if rt.is_main:
+            state.prune(out, t.keep_last)
+    else:
+        if not val:
+            run_eval()
+        save_to(state.final_dir(out))
+    if not rt.is_main:
+        return 130 if interrupted else 0
+    metrics.close()
+    plot = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"pretrain {out.name}")
+    hours = elapsed / 3600
+    summary = {
+        "stage": "pretrain",
+        "title": f"Pretraining report: {out.name}",
+        "status": f"stopped at step {step}: {stop_reason}" + ("; resume with the same command" if interrupted else ""),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_dir": str(out),
+        "data": {"directory": str(cfg.data), "sources": manifest.get("sources"),
+                 "train_tokens": len(train_data), "val_tokens": len(val_data), "vocab_size": tokenizer.vocab_size,
+                 "tokenizer_sha256": manifest["tokenizer"]["sha256"][:16], "epochs_seen": round(loader.epoch, 3)},
+        "model": {"preset": cfg.preset, "parameters": n_params(mc), "non_embedding_parameters": counts["non_embedding"],
+                  "layers": mc.n_layers, "hidden_size": mc.hidden_size, "heads": mc.n_heads,
+                  "kv_heads": mc.n_kv_heads, "intermediate_size": mc.intermediate_size, "context": mc.max_seq_len,
+                  "tied_embeddings": mc.tie_embeddings},
+        "training": {"steps": step, "tokens": tokens, "tokens_per_step": tokens_per_step, "seq_len": t.seq_len,
+                     "batch_size": t.batch_size, "grad_accum": t.grad_accum, "ranks": rt.world_size,
+                     "parallel": t.parallel if rt.distributed else "none", "peak_lr": t.lr, "schedule": t.schedule,
+                     "warmup_steps": t.warmup_steps, "precision": dtype_name(amp), "device": str(rt.device),
+                     "seed": t.seed},
+        "compute": {"training_flops": tokens * monitor.flops_per_token, "hours": hours,
+                    "device_hours": hours * rt.world_size, "tokens_per_s": tokens / elapsed if elapsed else None,
+                    "mfu": monitor.mfu(tokens / elapsed) if elapsed else None, "peak_flop_s_per_device": peak},
+        "results": {"final_train_loss": last.get("loss"), "final_val_loss": val.get("loss"),
+                    "final_val_ppl": val.get("ppl"), "final_val_bits_per_byte": val.get("bpb")},
+        "samples": samples,
+        "plots": [plot.name] if plot else [],
+        "artifacts": {"model": f"checkpoints/step-{step}" if interrupted else "final",
+                      "metrics": "metrics.jsonl", "config": "config.yaml"},
+    }
+    _, report = write_summary(out, summary)
+    where = state.step_dir(out, step) if interrupted else state.final_dir(out)
+    log(f"{'interrupted' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {elapsed / 60:.1f} min; "
+        f"train loss {last.get('loss', math.nan):.4f}, val loss {val.get('loss', math.nan):.4f}")
+    print(f"{where}\n{report}")
+    return 130 if interrupted else 0
