@@ -48,6 +48,7 @@ from lmforge.tokenizer import chat
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 SFT_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "prompt_completion")
+IGNORE_INDEX = -100  # the target id cross-entropy skips (torch's default; training/step.py uses the same)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
                    "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
@@ -423,7 +424,8 @@ def plan_rows(lengths: list[int], seq_len: int, pack: bool, seed: int, epoch: in
 
 
 def collate(examples: list[Example], rows: list[list[int]], pad_id: int) -> dict[str, Any]:
-    """Tensors for a micro-batch of rows: input_ids, targets, loss_mask [B, T]; for rows holding several examples,
+    """Tensors for a micro-batch of rows: input_ids, targets (IGNORE_INDEX where untrained), loss_mask [B, T];
+    for rows holding several examples,
     also input_pos [B, T] (positions restart per example) and attn_mask [B, 1, T, T] (block-diagonal causal)."""
     import torch
 
@@ -447,6 +449,7 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int) -> dict
                 pos[b, t:t + n] = torch.arange(n)
                 doc[b, t:t + n] = d
             t += n
+    tgt = tgt.masked_fill(~lm, IGNORE_INDEX)  # untrained targets carry the ignore index cross-entropy skips
     out: dict[str, Any] = {"input_ids": inp, "targets": tgt, "loss_mask": lm, "input_pos": None, "attn_mask": None}
     if packed:
         causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -457,3 +460,54 @@ def collate(examples: list[Example], rows: list[list[int]], pad_id: int) -> dict
         out["attn_mask"] = ((same & causal[None] & ~pad[:, :, None]) | eye)[:, None]
         out["input_pos"] = pos
     return out
+
+
+class ExampleLoader:
+    """Micro-batches of rows (lists of example indices) over seeded, per-epoch reshuffled (and packed) plans.
+
+    Its position is (epoch, cursor into that epoch's rows), so resuming replays exactly the rows an uninterrupted
+    run would have seen. A micro-batch never spans two epochs' plans: it ends an epoch short rather than mixing.
+    """
+
+    def __init__(self, lengths: list[int], seq_len: int, batch_size: int, pack: bool = False, seed: int = 0):
+        if not lengths:
+            raise LmforgeError("no examples to train on")
+        self.lengths, self.seq_len, self.batch_size = list(lengths), seq_len, batch_size
+        self.pack, self.seed = pack, seed
+        self.epoch, self.cursor = 0, 0
+        self._plan: list[list[int]] | None = None
+        self._plan_epoch = -1
+
+    def rows(self, epoch: int) -> list[list[int]]:
+        if epoch != self._plan_epoch:
+            self._plan = plan_rows(self.lengths, self.seq_len, self.pack, self.seed, epoch)
+            self._plan_epoch = epoch
+        return self._plan  # type: ignore[return-value]
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self.rows(0))
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.cursor / max(1, len(self.rows(self.epoch)))
+
+    def next_rows(self) -> list[list[int]]:
+        plan = self.rows(self.epoch)
+        if self.cursor >= len(plan):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            plan = self.rows(self.epoch)
+        out = plan[self.cursor:self.cursor + self.batch_size]
+        self.cursor += len(out)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "pack": self.pack,
+                "n_examples": len(self.lengths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.seed or state.get("n_examples") != len(self.lengths) or \
+                state.get("pack") != self.pack:
+            raise LmforgeError("the checkpoint's data position was made with another seed, data or --pack setting; "
+                               "use the same ones to resume, or start a new run directory")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

@@ -1,0 +1,123 @@
+"""Run-directory chores the stage-2 recipes share, on top of training/state.py: where to resume from and how to write
+a resumable checkpoint when the weights are a LoRA adapter rather than a whole model, pruning, peak memory, and
+the sections of summary.json every finetuning run has. The loops themselves stay in sft.py, dpo.py and cpt.py.
+
+Full finetuning uses training/state.py unchanged (checkpoints are model directories). LoRA checkpoints are PEFT
+adapter directories with the same trainer_state/ inside (optimizer state keyed by parameter name, RNG states, step,
+data position), found and pruned here because checkpoint.latest_checkpoint looks for model weights.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmforge import checkpoint as ckpt
+from lmforge.config import save_config
+from lmforge.errors import LmforgeError
+from lmforge.finetune.weights import Base
+from lmforge.training import state as tstate
+from lmforge.training.distributed import Runtime, full_optimizer_state
+
+
+def single_device(rt: Runtime) -> None:
+    if rt.distributed:
+        raise LmforgeError("finetuning runs on one device (one process); launch it without torchrun. Multi-device "
+                           "data parallelism is available for pretrain and cpt's base pretraining")
+
+
+def start(cfg: Any, run_dir: Path) -> None:
+    """Create the run directory, remove leftovers of interrupted writes, save the resolved config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tstate.clean_partial(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def _adapter_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = run_dir / "checkpoints"
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = re.fullmatch(r"step-(\d+)", d.name)
+            if m and ckpt.is_adapter_dir(d) and (d / "trainer_state" / "state.pt").is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found, reverse=True)
+
+
+def resume_point(run_dir: Path, lora: bool) -> Path | None:
+    """The newest complete, resumable checkpoint of this run (adapter checkpoints for LoRA runs)."""
+    if not lora:
+        return tstate.resume_point(run_dir)
+    found = _adapter_checkpoints(run_dir)
+    return found[0][1] if found else None
+
+
+def check_resume_kind(run_dir: Path, lora: bool) -> None:
+    """A run directory holds LoRA or full checkpoints, never a mix: refuse to continue one as the other."""
+    other = ckpt.latest_checkpoint(run_dir) if lora else (_adapter_checkpoints(run_dir) or [None])[0]
+    if other is not None:
+        kind = "full-model" if lora else "LoRA adapter"
+        raise LmforgeError(f"{run_dir} holds {kind} checkpoints from an earlier run; use another --out, or "
+                           f"{'drop' if lora else 'add'} --lora to continue it")
+
+
+def save_resumable(base: Base, model: Any, optimizer: Any, rt: Runtime, out: Path, trainer_state: dict,
+                   lineage: dict) -> Path:
+    """A checkpoint that resumes exactly: weights (or adapter), optimizer, RNG, step and data position."""
+    if not base.lora:
+        return tstate.save(model, optimizer, rt, out, trainer_state=trainer_state, tokenizer=base.tokenizer,
+                           lineage=lineage)
+    state = dict(trainer_state, optimizer=full_optimizer_state(model, optimizer), rng=tstate.rng_state(),
+                 world_size=rt.world_size)
+    return ckpt.save_adapter(model, out, base_model_name_or_path=base.path.resolve(), lineage=lineage,
+                             trainer_state=state, tokenizer=base.tokenizer)
+
+
+def restore(model: Any, optimizer: Any, state: dict) -> None:
+    """Optimizer and RNG state from a checkpoint's trainer state (weights are loaded by load_base)."""
+    from lmforge.training.distributed import load_optimizer_state
+
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    tstate.set_rng_state(state["rng"])
+
+
+def prune(run_dir: Path, keep_last: int, lora: bool) -> None:
+    if not lora:
+        tstate.prune(run_dir, keep_last)
+        return
+    import os
+    import shutil
+    import time
+
+    for _, d in _adapter_checkpoints(run_dir)[max(keep_last, 1):]:
+        gone = d.parent / f".{d.name}.deleting-{time.time_ns()}"
+        os.replace(d, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+def peak_memory_bytes(device: Any) -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def model_section(base: Base, lora: Any) -> dict:
+    from lmforge.model.accounting import n_params
+
+    sec = {"base": str(base.path), "parameters": n_params(base.model.cfg), "trainable_parameters": base.trainable,
+           "trainable_share": base.trainable / max(1, base.total), "method": "LoRA" if base.lora else "full"}
+    if base.lora:
+        sec.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                   lora_targets=",".join(sorted(set(t for x in lora.targets for t in str(x).split(",")))))
+    return sec
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,347 @@
+"""`lmforge finetune sft`: supervised finetuning on chat data, of every weight or of a LoRA adapter.
+
+    lmforge finetune sft --base runs/first/final --data my.jsonl --out runs/sft [--lora --lora.rank 16]
+    lmforge finetune sft --base runs/first/final --data builtin            # questions about the Python stdlib
+
+The recipe, top to bottom: load the base (and LoRA), render and tokenize the data with the base's chat template
+(data/sft.py: loss only on assistant tokens), score the held-out set once before training, then the loop: a step
+is grad_accum micro-batches whose summed token losses are scaled by 1 / (trainable tokens in the whole step)
+(training/step.py), backward, clip, AdamW; log, evaluate and checkpoint on their schedules; finally save final/
+(and adapter/ for LoRA), score the held-out set again, and write summary.json + report.md with the difference.
+
+The budget is the first limit reached among --max-steps, --max-tokens, --max-time, and, when none is given,
+--train.epochs passes over the data. The learning-rate schedule spans whichever bounds the run. Runs resume from
+their newest checkpoint (same config, same seed: the same losses as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import opt
+from lmforge.data.sft import SFT_FORMATS, ExampleLoader, ReadStats, collate, load_sft
+from lmforge.errors import LmforgeError
+from lmforge.finetune import runs
+from lmforge.finetune.weights import LoraOptions, load_base, save_final
+from lmforge.training.config import TrainConfig
+
+
+@dataclass
+class SFTTrain(TrainConfig):
+    """TrainConfig with finetuning defaults (small learning rate, few steps, frequent evaluation)."""
+
+    max_steps: int | None = opt(None, "optimizer steps to train for (default: --train.epochs over the data)",
+                                flag="--max-steps")
+    epochs: float = opt(1.0, "passes over the training examples when no step, token or time limit is given")
+    batch_size: int = opt(16, "examples (or packed rows) per micro-batch", flag="--batch-size")
+    seq_len: int = opt(512, "longest example in tokens (longer ones are truncated and counted; at most the "
+                            "model's context)", flag="--seq-len")
+    lr: float = opt(3e-4, "peak learning rate (LoRA usually wants more, e.g. 1e-3)", flag="--lr")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
+    eval_every: int = opt(50, "steps between held-out evaluations (0: only before and after)", flag="--eval-every")
+    log_every: int = opt(5, "steps between metrics lines")
+    save_every: int = opt(0, "steps between checkpoints (0: only the final one)", flag="--save-every")
+
+
+@dataclass
+class SFTConfig:
+    base: str = opt("", "base model directory (Hugging Face format, e.g. runs/first/final)")
+    data: str = opt("builtin", "JSONL file or directory of them, or 'builtin' (questions about the Python "
+                               "standard library, generated at run time)")
+    out: str = opt("runs/sft", "run directory")
+    format: str = opt("auto", "record shape (auto: detected per line)", choices=list(SFT_FORMATS))
+    val_data: str = opt("", "held-out JSONL for validation loss (default: --val-fraction of --data; builtin: its "
+                            "held-out split)")
+    val_fraction: float = opt(0.05, "share of --data held out for validation when --val-data is not given")
+    train_on_all: bool = opt(False, "train on every token, prompts included (default: assistant tokens only)")
+    skip_bad: bool = opt(False, "skip malformed lines (counted in the log) instead of stopping at the first")
+    pack: bool = opt(False, "pack short examples into rows (per-example positions and attention masks)")
+    chat_template: str = opt("", "Jinja file to render conversations with (default: the base tokenizer's "
+                                 "template, else ChatML)")
+    val_max: int = opt(256, "validation examples scored at each evaluation (the first N of the held-out set)")
+    heldout_mc: int = opt(100, "builtin: held-out multiple-choice questions scored before and after (0: none)")
+    lora: LoraOptions = opt(default_factory=LoraOptions)
+    train: SFTTrain = opt(default_factory=SFTTrain)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    import random
+
+    if fraction <= 0 or len(examples) < 20:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(examples) * fraction))
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+
+
+def load_data(cfg: SFTConfig, tokenizer: Any, template: str, seq_len: int, run_dir: Path) -> dict:
+    """Train/validation examples, read statistics, and (builtin) the held-out multiple-choice items."""
+    mc: list[dict] = []
+    if cfg.data == "builtin":
+        from lmforge.data import builtin_sets
+
+        files = builtin_sets.write_builtin_sets(run_dir / "data")
+        train_recs = [(f"builtin sft-train {i + 1}", r) for i, r in enumerate(builtin_sets.sft_records("train"))]
+        val_recs = [(f"builtin heldout {i + 1}", r)
+                    for i, r in enumerate(builtin_sets.sft_records("heldout")[:cfg.val_max])]
+        train, stats = load_sft("builtin", tokenizer, seq_len, template=template, records=train_recs,
+                                train_on_all=cfg.train_on_all)
+        val, _ = load_sft("builtin", tokenizer, seq_len, template=template, records=val_recs)
+        mc = builtin_sets.heldout_mc()[:cfg.heldout_mc] if cfg.heldout_mc > 0 else []
+        source = f"builtin (stdlib questions; files in {files['sft-train'].parent})"
+    else:
+        examples, stats = load_sft(cfg.data, tokenizer, seq_len, cfg.format, train_on_all=cfg.train_on_all,
+                                   skip_bad=cfg.skip_bad, template=template)
+        if cfg.val_data:
+            train = examples
+            val, _ = load_sft(cfg.val_data, tokenizer, seq_len, cfg.format, skip_bad=cfg.skip_bad, template=template)
+        else:
+            train, val = _split(examples, cfg.val_fraction, cfg.train.seed)
+        source = cfg.data
+    return {"train": train, "val": val[:cfg.val_max], "stats": stats, "mc": mc, "source": source}
+
+
+def _stats_line(stats: ReadStats, n_train: int, n_val: int) -> str:
+    s = (f"data: {stats.records} records -> {n_train} train / {n_val} validation examples, "
+         f"{stats.train_tokens:,} trainable of {stats.tokens:,} tokens; truncated {stats.truncated}, "
+         f"dropped (nothing left to train on) {stats.dropped_empty}")
+    if stats.skipped_bad:
+        s += f", skipped malformed {stats.skipped_bad} (e.g. {stats.bad_examples[0]})"
+    return s
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+def evaluate(model: Any, tokenizer: Any, val: list, mc: list[dict], render: Any, autocast_ctx: Any,
+             mc_examples: list | None = None) -> dict:
+    from lmforge.finetune.heldout import masked_loss, mc_accuracy
+
+    out: dict = {}
+    with autocast_ctx():
+        if val:
+            out["val_loss"] = masked_loss(model, val, tokenizer.pad_id or 0)
+        if mc:
+            acc = mc_accuracy(model, tokenizer, render, mc, examples=mc_examples)
+            out["mc_acc"], out["mc_acc_norm"] = acc["acc"], acc["acc_norm"]
+    return out
+
+
+def samples(model: Any, tokenizer: Any, val: list, n: int, max_tokens: int) -> list[dict]:
+    """Greedy answers to the first n validation prompts (the prompt is everything before the first trained token)."""
+    from lmforge.training.evaluate import sample
+
+    out = []
+    for ex in val[:n]:
+        cut = ex.train.index(True)
+        ids = sample(model, ex.ids[:cut], max_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
+        prompt = tokenizer.decode(ex.ids[:cut], skip_special_tokens=False)
+        expected = tokenizer.decode([i for i, t in zip(ex.ids, ex.train) if t], skip_special_tokens=True)
+        ids = [i for i in ids if i < tokenizer.vocab_size]  # a model's embedding may be padded past the vocabulary
+        out.append({"prompt": prompt, "text": tokenizer.decode(ids), "expected": expected})
+    return out
+
+
+# ---- the recipe -------------------------------------------------------------------------------------------
+def run(cfg: SFTConfig) -> int:
+    import torch
+
+    from lmforge.data.sft import chat_renderer
+    from lmforge.finetune.heldout import mc_examples as build_mc
+    from lmforge.model.accounting import flops_per_token_train
+    from lmforge.training import distributed, precision
+    from lmforge.training import state as tstate
+    from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
+    from lmforge.training.monitor import Throughput, measure_peak_flops
+    from lmforge.training.optim import build_optimizer
+    from lmforge.training.report import write_summary
+    from lmforge.training.schedule import lr_at, set_lr, step_progress
+    from lmforge.training.step import clip_grad_norm, lm_loss_sum, loss_scale
+
+    t = cfg.train
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise LmforgeError("--batch-size and --grad-accum must be at least 1")
+    rt = distributed.setup(t.device)
+    runs.single_device(rt)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    run_dir = Path(cfg.out)
+    runs.start(cfg, run_dir)
+    resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None
+    if resume_from is None:
+        runs.check_resume_kind(run_dir, cfg.lora.enabled)
+    tstate.seed_everything(t.seed)
+
+    # -- the base model, LoRA or not
+    base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
+                     adapter_dir=resume_from if cfg.lora.enabled else None)
+    model, tok = base.model, base.tokenizer
+    if resume_from is not None and not cfg.lora.enabled:
+        from lmforge import checkpoint
+
+        model.load_state_dict(checkpoint.load_model(resume_from).state_dict())
+    for note in base.notes:
+        runs.log(f"note: {note}")
+    runs.log(f"model: {base.path} ({'LoRA' if base.lora else 'full finetuning'}): {base.trainable:,} trainable of "
+             f"{base.total:,} parameters ({100 * base.trainable / base.total:.2f}%)")
+    amp = precision.resolve_dtype(t.dtype, rt.device)
+
+    def autocast_ctx():
+        return precision.autocast(rt.device, amp)
+
+    model.activation_checkpointing = t.activation_checkpointing
+    seq_len = min(t.seq_len, model.cfg.max_seq_len)
+    render = chat_renderer(tok, base.template)
+
+    # -- data
+    data = load_data(cfg, tok, base.template, seq_len, run_dir)
+    train, val, stats, mc = data["train"], data["val"], data["stats"], data["mc"]
+    runs.log(_stats_line(stats, len(train), len(val)))
+    mc_ex = build_mc(tok, render, mc) if mc else None
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    loader = ExampleLoader([len(e) for e in train], seq_len, t.batch_size, cfg.pack, t.seed)
+    steps_per_epoch = math.ceil(loader.rows_per_epoch / t.batch_size / t.grad_accum)
+    total_steps = t.max_steps
+    if total_steps is None and t.max_tokens is None and t.max_time is None:
+        total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    # -- optimizer; resume
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+    step, tokens, train_tokens, seconds = 0, 0, 0, 0.0
+    before: dict = {}
+    if resume_from is not None:
+        from lmforge import checkpoint
+
+        st = checkpoint.load_trainer_state(resume_from)
+        runs.restore(model, optimizer, st)
+        loader.load_state_dict(st["loader"])
+        step, tokens, train_tokens, seconds = st["step"], st["tokens"], st["train_tokens"], st["seconds"]
+        before = st.get("before", {})
+        runs.log(f"resumed from {resume_from} at step {step}")
+    else:
+        t0 = time.perf_counter()
+        before = evaluate(model, tok, val, mc, render, autocast_ctx, mc_ex)
+        runs.log("before training (base model): " + ", ".join(f"{k} {v:.4f}" for k, v in before.items())
+                 + f" [{time.perf_counter() - t0:.1f}s]")
+    lineage = {"stage": "sft", "base_model": str(base.path), "base_lineage": base.lineage, "data": data["source"],
+               "method": "lora" if base.lora else "full"}
+
+    # -- monitoring
+    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None)
+    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    flops_tok = flops_per_token_train(model.cfg, seq_len)
+    if base.lora:  # no weight gradients for frozen matrices: about 2/3 of full training's matmul FLOPs
+        flops_tok *= 2 / 3
+    monitor = Throughput(flops_tok, peak)
+    bar_total, unit = ((total_steps, "steps") if total_steps else (t.max_tokens, "tokens") if t.max_tokens
+                       else (t.max_time, "s"))
+    bar = ProgressBar(bar_total, unit, start=step)
+
+    def progress() -> float:
+        if total_steps:
+            return step_progress(step, total_steps, t.warmup_steps)
+        if t.max_tokens:
+            return tokens / t.max_tokens
+        return seconds / t.max_time
+
+    def done() -> bool:
+        return bool((total_steps and step >= total_steps) or (t.max_tokens and tokens >= t.max_tokens)
+                    or (t.max_time and seconds >= t.max_time))
+
+    def trainer_state() -> dict:
+        return {"step": step, "tokens": tokens, "train_tokens": train_tokens, "seconds": seconds,
+                "loader": loader.state_dict(), "before": before}
+
+    # -- the loop
+    model.train()
+    last: dict = {}
+    while not done():
+        t_step = time.perf_counter()
+        lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+        set_lr(optimizer, lr)
+        batches = [collate(train, loader.next_rows(), pad) for _ in range(t.grad_accum)]
+        n_targets = sum(int(b["loss_mask"].sum()) for b in batches)
+        scale = loss_scale(n_targets)
+        loss_sum = 0.0
+        for b in batches:
+            b = {k: (v.to(rt.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            with autocast_ctx():
+                loss = lm_loss_sum(model, b["input_ids"], b["targets"], fused=t.fused_loss,
+                                   input_pos=b["input_pos"], mask=b["attn_mask"])
+            (loss * scale).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = clip_grad_norm(model, t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+        step += 1
+        tokens += step_tokens
+        train_tokens += n_targets
+        dt = time.perf_counter() - t_step
+        seconds += dt
+        monitor.add(step_tokens, dt)
+        last = {"loss": loss_sum / n_targets}
+
+        record: dict = {}
+        if step % t.log_every == 0 or done():
+            rate = monitor.rate()
+            record.update(step=step, tokens=tokens, train_tokens=train_tokens, loss=last["loss"], lr=lr,
+                          grad_norm=grad_norm, epoch=loader.epochs_done, tokens_per_s=rate["tokens_per_s"],
+                          mfu=rate["mfu"], seconds=seconds)
+        if (t.eval_every and step % t.eval_every == 0) or done():
+            ev = evaluate(model, tok, val, mc if done() else [], render, autocast_ctx, mc_ex)
+            record.update(step=step, tokens=tokens, **ev)
+            last.update(ev)
+        if record:
+            metrics.write(record)
+            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                            if k in ("step", "loss", "val_loss", "mc_acc", "lr", "tokens_per_s") and v is not None)
+            bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
+                       record.get("tokens_per_s"), line=line)
+        if t.save_every and step % t.save_every == 0 and not done():
+            runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state(), lineage)
+            runs.prune(run_dir, t.keep_last, base.lora)
+    bar.close()
+    metrics.close()
+
+    # -- outputs
+    lineage.update(steps=step, tokens=tokens, train_tokens=train_tokens, seconds=round(seconds, 1))
+    written = save_final(base, model, run_dir, lineage, merge=cfg.lora.merge)
+    after = {k: v for k, v in last.items() if k != "loss"}
+    peak_mem = runs.peak_memory_bytes(rt.device)
+    plot = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"SFT {run_dir.name}")
+    results: dict = {}
+    for k in ("val_loss", "mc_acc", "mc_acc_norm"):
+        if k in before or k in after:
+            results[f"{k}_base"] = before.get(k)
+            results[f"{k}_finetuned"] = after.get(k)
+    summary = {
+        "stage": "finetune sft", "title": f"SFT: {run_dir.name}", "status": "complete", "run_dir": str(run_dir),
+        "data": {"source": data["source"], **stats.as_dict(), "train_examples": len(train),
+                 "validation_examples": len(val), "assistant_only_loss": not cfg.train_on_all, "packing": cfg.pack},
+        "model": runs.model_section(base, cfg.lora),
+        "training": {"steps": step, "tokens": tokens, "trained_tokens": train_tokens, "epochs": loader.epochs_done,
+                     "lr": t.lr, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seq_len": seq_len,
+                     "precision": precision.dtype_name(amp)},
+        "compute": {"seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+                    "train_flops": monitor.flops_total, "peak_memory_mb": peak_mem / 2**20, "device": str(rt.device)},
+        "results": results,
+        "outputs": written,
+        "samples": samples(model, tok, val, t.samples, t.sample_tokens) if t.samples else [],
+        "plots": [plot.name] if plot else [],
+        "notes": base.notes,
+    }
+    write_summary(run_dir, summary)
+    runs.log(f"trained {step} steps, {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s); "
+             f"peak memory {peak_mem / 2**20:,.0f} MB")
+    if results:
+        runs.log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if v is not None))
+    runs.log(f"wrote {', '.join(written.values())} and {run_dir / 'report.md'}")
+    print(written.get("final") or written.get("adapter"))
+    return 0

@@ -1,0 +1,137 @@
+"""What stage 2 loads and writes: the base model (whole, or frozen under a LoRA adapter), its tokenizer and chat
+template, and the outputs of a finetuning run.
+
+Outputs of a run directory (DESIGN.md: one checkpoint format):
+  full finetuning  checkpoints/step-N/ and final/ are full Hugging Face model directories.
+  LoRA             checkpoints/step-N/ are PEFT adapter directories with trainer_state/ (small: only the adapter
+                   and its optimizer state); at the end adapter/ is the PEFT adapter and final/ the merged full
+                   model directory (unless --no-merge), so every later verb (dpo --base runs/sft/final, eval,
+                   generate, serve) takes the result as it takes any model.
+The tokenizer saved with the results carries the chat template the run trained with, so inference renders
+prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import opt
+from lmforge.errors import LmforgeError
+from lmforge.model.lora import DEFAULT_TARGETS
+
+
+@dataclass
+class LoraOptions:
+    enabled: bool = opt(False, "train a LoRA adapter instead of every weight (only adapter weights train and are "
+                               "saved)", flag="--lora")
+    rank: int = opt(16, "LoRA rank r")
+    alpha: float = opt(32.0, "LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = opt(0.05, "dropout on the adapter's input")
+    targets: list[str] = opt(help="projections to adapt (repeat the flag or separate with commas): q,k,v,o,gate,up,down",
+                             default_factory=lambda: list(DEFAULT_TARGETS))
+    merge: bool = opt(True, "also write final/ as a merged full model (the adapter is always in adapter/)")
+
+
+def split_targets(targets: list[str]) -> list[str]:
+    return [t.strip() for item in targets for t in str(item).split(",") if t.strip()]
+
+
+@dataclass
+class Base:
+    """A loaded base: model (on device, train mode), tokenizer, chat template, where it came from."""
+
+    model: Any
+    tokenizer: Any
+    template: str
+    path: Path
+    lineage: dict
+    lora: bool
+    trainable: int
+    total: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_template: str = "",
+              adapter_dir: str | Path | None = None) -> Base:
+    """Load the base model and tokenizer, pick the chat template, apply LoRA (or unfreeze all) and move to device.
+
+    adapter_dir: resume a LoRA run from this adapter (its weights replace the fresh initialisation).
+    """
+    from lmforge import checkpoint
+    from lmforge.model.lora import apply_lora, load_lora_state_dict, trainable_parameters
+    from lmforge.tokenizer import chat
+
+    if not path:
+        raise LmforgeError("give the base model: --base runs/NAME/final (a Hugging Face model directory)")
+    p = Path(path)
+    if checkpoint.is_adapter_dir(p):
+        raise LmforgeError(f"{p} is a LoRA adapter, not a model; pass its merged model (runs/NAME/final) or merge "
+                           f"it first: lmforge merge --adapter {p} --out runs/merged")
+    model = checkpoint.load_model(p, dtype=__import__("torch").float32)
+    tokenizer = checkpoint.load_tokenizer(p)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise LmforgeError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                           f"{model.cfg.vocab_size} embeddings; the directory mixes two models")
+    notes = []
+    if chat_template:
+        tf = Path(chat_template)
+        if not tf.is_file():
+            raise LmforgeError(f"--chat-template {tf}: no such file (give a Jinja file)")
+        template = tf.read_text(encoding="utf-8")
+        notes.append(f"chat template from {tf}")
+    elif tokenizer.chat_template:
+        template = tokenizer.chat_template
+    else:
+        template = chat.DEFAULT_CHAT_TEMPLATE
+        notes.append("the base tokenizer has no chat template; using lmforge's ChatML default (saved with the "
+                     "results)")
+    tokenizer.chat_template = template
+    model.train()
+    if lora.enabled:
+        apply_lora(model, split_targets(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                   seed=seed)
+        if adapter_dir is not None:
+            _, state = checkpoint.read_adapter(adapter_dir)
+            load_lora_state_dict(model, state, source=str(adapter_dir))
+    else:
+        for prm in model.parameters():
+            prm.requires_grad_(True)
+    trainable, total = trainable_parameters(model)
+    model.to(device)
+    lineage = checkpoint.read_lineage(p).get("lineage", {})
+    return Base(model, tokenizer, template, p, lineage, lora.enabled, trainable, total, notes)
+
+
+def save_checkpoint(base: Base, model: Any, out_dir: Path, lineage: dict, trainer_state: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """A resumable step checkpoint (adapter dir for LoRA, full model dir otherwise)."""
+    from lmforge import checkpoint
+
+    if base.lora:
+        return checkpoint.save_adapter(model, out_dir, base_model_name_or_path=base.path.resolve(), lineage=lineage,
+                                       trainer_state=trainer_state, tokenizer=base.tokenizer)
+    return checkpoint.save_model(model, out_dir, tokenizer=base.tokenizer, lineage=lineage,
+                                 trainer_state=trainer_state, state_dict=state_dict)
+
+
+def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool = True) -> dict[str, str]:
+    """final/ (full model) and, for LoRA, adapter/. Returns {"final": path, "adapter": path} of what was written."""
+    import copy
+
+    from lmforge import checkpoint
+    from lmforge.model.lora import merge_lora
+
+    out: dict[str, str] = {}
+    if base.lora:
+        adapter = checkpoint.save_adapter(model, run_dir / "adapter", base_model_name_or_path=base.path.resolve(),
+                                          lineage=lineage, tokenizer=base.tokenizer)
+        out["adapter"] = str(adapter)
+        if merge:
+            merged = merge_lora(copy.deepcopy(model).cpu())
+            out["final"] = str(checkpoint.save_model(merged, run_dir / "final", tokenizer=base.tokenizer,
+                                                     lineage={**lineage, "merged_adapter": str(adapter)}))
+    else:
+        out["final"] = str(checkpoint.save_model(model, run_dir / "final", tokenizer=base.tokenizer, lineage=lineage))
+    return out
