@@ -52,7 +52,7 @@ def test_sliding_nll_equals_direct_computation(tiny_model):
 def test_cli_on_text_file_and_prepared_dir(tiny_model, tmp_path, capsys):
     from lmforge.data.shards import ShardWriter
 
-    text = "The quick brown fox jumps over the lazy dog. " * 30
+    text = "The quick brown fox jumps over the lazy dog. " * 12
     (tmp_path / "t.txt").write_text(text)
     out = tmp_path / "ppl.json"
     argv = ["eval", "perplexity", "--model", str(tiny_model), "--data", str(tmp_path / "t.txt"),

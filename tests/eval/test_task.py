@@ -77,6 +77,17 @@ def test_choice_logprobs_equal_a_direct_forward(em, tiny_model, mc_file):
     s = result["summary"]
     assert s["accuracy"] == sum(r["correct"] for r in result["records"]) / len(MC)
     assert s["output_tokens"] == 0 and s["latency_s"] > 0
+    # chat format: each choice is the assistant's reply, end-of-turn included
+    chat = evaluate(TaskConfig(model=str(tiny_model), data=str(mc_file), chat="on", limit=1), em=em)
+    q, choices, _ = MC[0]
+    msgs = [{"role": "user", "content": q}]
+    ctx = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+    direct = []
+    for c in choices:
+        cont = tok.encode(c + "<|im_end|>")
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0].float(), -1)
+        direct.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+    assert chat["records"][0]["logprobs"] == pytest.approx(direct, abs=1e-3)
 
 
 @torch.no_grad()

@@ -100,3 +100,16 @@ def test_errors(tmp_path, minilm):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LmforgeError, match="no text files"):
         find_documents([str(tmp_path / "empty")])
+
+
+def test_chunks_fit_the_embedder_window(tmp_path, minilm):
+    # dense code: 800 characters here are far more than MiniLM's 256 word pieces
+    text = "\n".join(" ".join(f"v{i}x{j}q = f{j}(z{i * j}%{j})" for j in range(8)) for i in range(40))
+    (tmp_path / "dense.py").write_text(text)
+    index = Index.create(tmp_path / "idx", minilm)
+    index.add_documents([tmp_path / "dense.py"])
+    chunks = list(index.chunks.values())
+    assert len(chunks) > 10
+    assert max(minilm.count_tokens([c["text"] for c in chunks])) <= minilm.max_length
+    for c in chunks:
+        assert text[c["start"]:c["end"]] == c["text"]

@@ -16,12 +16,14 @@ def tokenizer():
     return train_bpe(iter(list(DOCS.values()) * 5), vocab_size=400)
 
 
-@pytest.fixture
-def index(tmp_path, minilm, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_docs(tmp_path / "docs")
-    ix = Index.create(tmp_path / "idx", minilm)
-    ix.add_documents(find_documents(["docs"]))
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, minilm):
+    root = tmp_path_factory.mktemp("prompt")
+    write_docs(root / "docs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # sources are recorded relative to the working directory
+        ix = Index.create(root / "idx", minilm)
+        ix.add_documents(find_documents(["docs"]))
     return ix
 
 

@@ -42,7 +42,7 @@ class CompareConfig:
     concurrency: int = opt(1, help="requests in flight at once (1 = latency as one user sees it)")
     length_norm: bool = opt(False, help="choice metric: rank by length-normalised accuracy")
     seed: int = opt(0, help="seed of the few-shot draws")
-    dtype: str | None = opt(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    dtype: str = opt("float32", help="weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     device: str = opt("cpu", help="torch device")
     json: bool = opt(False, help="print the summaries as JSON instead of a table")
 

@@ -44,7 +44,7 @@ class EvalModel:
         if not p.is_dir():
             raise LmforgeError(f"model directory {p} does not exist; pass --model DIR (an HF model directory, e.g. "
                                "runs/NAME/final)")
-        self.loaded = load(p, dtype=dtype or "float32")
+        self.loaded = load(p, dtype=dtype or "float32")  # inference.load checks the name
         self.path = p
         try:
             self.model = self.loaded.model.to(device)

@@ -40,7 +40,7 @@ class PerplexityConfig:
     stride: int | None = opt(None, help="tokens the window moves each step (default: window / 2)")
     max_tokens: int = opt(0, help="score only the first N tokens (0: all)")
     batch_size: int = opt(4, help="windows per forward pass")
-    dtype: str | None = opt(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    dtype: str = opt("float32", help="weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     device: str = opt("cpu", help="torch device")
     json: bool = opt(False, help="print the result as JSON")
     out: str = opt("", help="also write the result as JSON to this file")

@@ -55,7 +55,8 @@ def table(headers: list[str], rows: list[list[Any]], markdown: bool = False) -> 
     """Rows under headers, columns aligned (numbers right, text left); Markdown pipes when asked."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_numeric(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+    numeric = [all(_numeric(r[i]) for r in cells[1:]) and any(r[i].strip() not in ("-", "") for r in cells[1:])
+               for i in range(len(headers))]
 
     def line(r: list[str]) -> str:
         parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]

@@ -12,7 +12,8 @@ Metrics:
   contains  the normalised answer occurs in the normalised generation
   choice    the choice with the highest log-likelihood given the prompt wins ("accuracy"); "accuracy_norm" divides
             each choice's log-likelihood by its length in characters, so long choices are not penalised for
-            length (lm-evaluation-harness's acc_norm). --length-norm makes it the headline figure.
+            length (lm-evaluation-harness's acc_norm). --length-norm makes it the headline figure. In chat format
+            a choice is scored as the assistant's reply, its end-of-turn token included.
 Prompt format: with a chat template (`--chat auto` uses one when the tokenizer has one) each example is a user
 turn and the answer an assistant turn; few-shot examples are earlier turns. Without one, prompts are plain text:
 "{prompt} {answer}" per shot, blank-line separated ("Question: {question}\nAnswer: {choice}" for choice items),
@@ -56,7 +57,7 @@ class TaskConfig:
     max_new_tokens: int = opt(64, help="most tokens generated per item")
     concurrency: int = opt(1, help="requests in flight at once (1 = latency as one user sees it)")
     seed: int = opt(0, help="seed of the few-shot draw")
-    dtype: str | None = opt(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    dtype: str = opt("float32", help="weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     device: str = opt("cpu", help="torch device")
     json: bool = opt(False, help="print the result as JSON")
     out: str = opt("", help="also write the result (with per-item records) as JSON to this file")
@@ -163,6 +164,7 @@ class Prompt:
     shots: int
     sources: list[dict]
     text: str
+    messages: list[dict] | None = None  # the chat messages, in chat format
 
 
 class Runner:
@@ -179,7 +181,8 @@ class Runner:
     def _reserve(self, e: Example) -> int:
         """Tokens kept free after the prompt: the answer to generate, or the longest choice to score."""
         if e.is_choice:
-            return max(len(self.em.tokenizer.encode(" " + c, add_special_tokens=False)) for c in e.choices) + 1
+            # + a few for what a chat template adds around an answer (end-of-turn)
+            return max(len(self.em.tokenizer.encode(" " + c, add_special_tokens=False)) for c in e.choices) + 4
         return self.max_new_tokens
 
     def build(self, i: int) -> Prompt:
@@ -206,7 +209,7 @@ class Runner:
             if self.index is not None:
                 messages, sources = augment_messages(self.index, messages, self.em.tokenizer, budget, self.top_k,
                                                      count=self.em.count_chat)
-            return Prompt(self.em.encode_chat(messages), len(shots), sources, self.em.render_chat(messages))
+            return Prompt(self.em.encode_chat(messages), len(shots), sources, self.em.render_chat(messages), messages)
         prefix = "".join(_join(_plain_item(s), s.answer) + "\n\n" for s in shots)
         item = _plain_item(e)
         if self.index is not None:
@@ -216,10 +219,24 @@ class Runner:
             text = prefix + item
         return Prompt(self.em.encode_prompt(text), len(shots), sources, text)
 
-    def choice_continuations(self, e: Example) -> list[list[int]]:
+    def choice_continuations(self, e: Example, messages: list[dict] | None = None) -> list[list[int]]:
+        """Token ids scored for each choice: " choice" after a plain prompt; in chat format the assistant turn
+        the template renders for it, up to and including its end-of-turn token (as finetune's held-out scoring
+        and lm-evaluation-harness with chat templates do), so an answer that should have ended scores as ended."""
         tok = self.em.tokenizer
-        sep = "" if self.chat else " "
-        return [tok.encode(sep + c, add_special_tokens=False) for c in e.choices]
+        if not self.chat or messages is None:
+            return [tok.encode(" " + c, add_special_tokens=False) for c in e.choices]
+        prefix = self.em.render_chat(messages)
+        out = []
+        for c in e.choices:
+            full = tok.apply_chat_template(messages + [{"role": "assistant", "content": c}])
+            if not full.startswith(prefix):  # a template that rewrites earlier turns: score the text alone
+                out.append(tok.encode(c, add_special_tokens=False))
+                continue
+            ids = tok.encode(full[len(prefix):], add_special_tokens=False)
+            end = next((j for j, t in enumerate(ids) if t in self.em.stop_ids), None)
+            out.append(ids[:end + 1] if end is not None else ids)
+        return out
 
     def run(self, limit: int = 0, concurrency: int = 1, advance=None) -> list[dict]:
         """Per-item records: prompt/prediction/answer, correct, tokens in/out, latency (retrieval included)."""
@@ -232,7 +249,7 @@ class Runner:
                     raise LmforgeError("the choice metric needs {question, choices, answer} items")
                 t0 = time.perf_counter()
                 p = self.build(i)
-                conts = self.choice_continuations(e)
+                conts = self.choice_continuations(e, p.messages)
                 ll = self.em.continuation_logprobs(p.ids, conts)
                 latency = time.perf_counter() - t0
                 lens = [max(1, len(c)) for c in e.choices]

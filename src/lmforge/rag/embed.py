@@ -81,6 +81,10 @@ class Embedder:
         embedder.encode(["warm up"])  # the first forward pays one-off setup costs; keep them out of query latency
         return embedder
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens each text takes in the encoder (special tokens included), untruncated."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length embeddings of `texts`, in order. Texts longer than the window are truncated."""
         import numpy as np

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import LmforgeError
-from lmforge.rag.chunk import CODE_SUFFIXES, chunk_text
+from lmforge.rag.chunk import CODE_SUFFIXES, Chunk, chunk_text
 
 if TYPE_CHECKING:
     from lmforge.rag.embed import Embedder
@@ -240,7 +240,8 @@ class Index:
                 continue
             stats["files_changed" if old else "files_added"] += 1
             code = path.suffix.lower() in CODE_SUFFIXES
-            todo.append((source, sha, chunk_text(text, ck["chunk_chars"], ck["overlap_chars"], code=code)))
+            chunks = chunk_text(text, ck["chunk_chars"], ck["overlap_chars"], code=code)
+            todo.append((source, sha, self._fit_window(text, chunks, code)))
         if prune:
             for source in list(self.files):
                 if not Path(source).is_file():
@@ -267,6 +268,25 @@ class Index:
             self.files[source] = {"sha256": sha, "ids": ids}
             stats["chunks_added"] += len(chunks)
         return stats
+
+    def _fit_window(self, text: str, chunks: list[Chunk], code: bool) -> list[Chunk]:
+        """Re-split chunks longer than the embedder's window (dense text, code), so no chunk is embedded only in part.
+
+        Characters are a proxy for tokens; where the proxy fails, the chunk is chunked again with a limit shrunk in
+        proportion, and its pieces' offsets moved back into the document.
+        """
+        window = self.embedder.max_length
+        counts = self.embedder.count_tokens([c.text for c in chunks]) if chunks else []
+        out: list[Chunk] = []
+        for c, n in zip(chunks, counts):
+            if n <= window or len(c.text) < 100:
+                out.append(c)
+                continue
+            limit = max(50, int(len(c.text) * window / n * 0.9))
+            overlap = min(self.manifest["chunking"]["overlap_chars"], limit // 5)
+            for piece in self._fit_window(c.text, chunk_text(c.text, limit, overlap, code=code), code):
+                out.append(Chunk(piece.text, c.start + piece.start, c.start + piece.end))
+        return out
 
     def save(self) -> None:
         """Write the next generation of data files, then the manifest that names it, then drop the old one."""
