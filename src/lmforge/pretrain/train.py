@@ -150,18 +150,23 @@ def _load_resumable(candidates: list[Path], mc: ModelConfig, log, torch):
 def _val_batches(shards: TokenShards, t: TrainConfig, rt: Runtime):
     """This rank's share of the first eval_tokens of the validation split, as (inputs, targets) batches.
 
-    Every rank gets the same number of batches (FSDP's forward is collective)."""
+    Windows are dealt round-robin to ranks. Every rank runs the same number of batches (FSDP's forward is
+    collective): a rank short of a window repeats one with every target ignored, so it adds nothing."""
     import numpy as np
     import torch
 
+    from lmforge.training.step import IGNORE_INDEX
+
     seq = min(t.seq_len, len(shards) - 1)
-    n_total = (len(shards) - 1) // seq
-    n = max(rt.world_size, (min(n_total, max(1, t.eval_tokens // seq)) // rt.world_size) * rt.world_size)
-    mine = list(range(rt.rank, n, rt.world_size))
-    for i in range(0, len(mine), t.batch_size):
-        rows = [shards.read(w % n_total * seq, w % n_total * seq + seq + 1) for w in mine[i:i + t.batch_size]]
-        batch = torch.from_numpy(np.stack(rows))
-        yield batch[:, :-1], batch[:, 1:]
+    n = min((len(shards) - 1) // seq, max(1, t.eval_tokens // seq))
+    per_rank = -(-n // rt.world_size)
+    mine = [rt.rank + i * rt.world_size for i in range(per_rank)]
+    for i in range(0, per_rank, t.batch_size):
+        ws = mine[i:i + t.batch_size]
+        batch = torch.from_numpy(np.stack([shards.read(w % n * seq, w % n * seq + seq + 1) for w in ws]))
+        x, y = batch[:, :-1], batch[:, 1:].clone()
+        y[torch.tensor([w >= n for w in ws])] = IGNORE_INDEX
+        yield x, y
 
 
 def run(cfg: PretrainConfig, on_step: Callable[[int, dict], bool | None] | None = None) -> int:
