@@ -159,6 +159,9 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config values (flags override it)")
     groups: dict[str, Any] = {}
+    # sections filled by a preset show that, not the dataclass default the preset replaces
+    preset_sections = {(k.rsplit(".", 1)[0] + "." if "." in k else "") + f.metadata["preset_for"]: f"--{k}"
+                       for k, f, _ in _walk(cls) if (f.metadata or {}).get("preset_for")}
     for key, f, tp in _walk(cls):
         section = key.rsplit(".", 1)[0] if "." in key else ""
         group = parser
@@ -168,7 +171,10 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         inner, _ = _unwrap(tp)
         default = _default_of(f)
         help_text = (meta.get("help") or "").replace("%", "%%")
-        if not meta.get("positional"):
+        section_key = key.rsplit(".", 1)[0] if "." in key else ""
+        if section_key in preset_sections:
+            help_text += f" (default: from {preset_sections[section_key]})"
+        elif not meta.get("positional"):
             help_text += f" (default: {default})" if default not in (None, "", []) else ""
         kwargs: dict[str, Any] = {"help": help_text, "dest": key}
         if meta.get("choices"):

@@ -8,27 +8,27 @@ checkpoint.py translates to and from Hugging Face's config.json; nothing else kn
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "llama"  # llama | mistral | qwen2: the HF family written to config.json
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    intermediate_size: int = 688
-    max_seq_len: int = 512
-    head_dim: int | None = None  # None: hidden_size // n_heads
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3.1: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    norm_eps: float = 1e-5
-    qkv_bias: bool = False  # Qwen2 puts a bias on q/k/v
-    tie_embeddings: bool = False
-    sliding_window: int | None = None  # Mistral; applied only when a sequence exceeds it
-    init_std: float = 0.02
+    model_type: str = field(default="llama", metadata={"help": 'Hugging Face family written to config.json: llama, mistral or qwen2'})
+    vocab_size: int = field(default=8192, metadata={"help": 'vocabulary size (embedding rows)'})
+    hidden_size: int = field(default=256, metadata={"help": 'width of the residual stream'})
+    n_layers: int = field(default=4, metadata={"help": 'number of transformer blocks'})
+    n_heads: int = field(default=4, metadata={"help": 'query heads'})
+    n_kv_heads: int = field(default=4, metadata={"help": 'key/value heads (grouped-query attention when fewer than n_heads)'})
+    intermediate_size: int = field(default=688, metadata={"help": 'SwiGLU hidden width'})
+    max_seq_len: int = field(default=512, metadata={"help": 'longest context the model is trained or served with'})
+    head_dim: int | None = field(default=None, metadata={"help": 'per-head width; none = hidden_size / n_heads'})
+    rope_theta: float = field(default=10000.0, metadata={"help": 'RoPE base frequency'})
+    rope_scaling: dict | None = field(default=None, metadata={"help": 'RoPE scaling as JSON, e.g. {"rope_type": "llama3", "factor": 8, ...}'})
+    norm_eps: float = field(default=1e-5, metadata={"help": 'RMSNorm epsilon'})
+    qkv_bias: bool = field(default=False, metadata={"help": 'bias on the q/k/v projections (Qwen2)'})
+    tie_embeddings: bool = field(default=False, metadata={"help": 'share the input embedding with the output head'})
+    sliding_window: int | None = field(default=None, metadata={"help": 'attend only to the last N positions (Mistral); none = full attention'})
+    init_std: float = field(default=0.02, metadata={"help": 'standard deviation of the random initialisation'})
 
     @property
     def hd(self) -> int:
