@@ -113,3 +113,25 @@ def test_chunks_fit_the_embedder_window(tmp_path, minilm):
     assert max(minilm.count_tokens([c["text"] for c in chunks])) <= minilm.max_length
     for c in chunks:
         assert text[c["start"]:c["end"]] == c["text"]
+
+
+def test_concurrent_searches_agree_with_sequential(built):
+    import threading
+
+    index, _ = built
+    queries = ["rockets and the Moon", "sleeping cats", "Fibonacci numbers", "propellants"]
+    expected = {q: [h.id for h in index.search(q, 2)] for q in queries}
+    got, errors = {}, []
+
+    def worker(q):
+        try:
+            got[q] = [h.id for h in index.search(q, 2)]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(q,)) for q in queries]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == expected

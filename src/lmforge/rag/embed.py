@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,9 @@ class Embedder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.dim = int(model.config.hidden_size)
+        # a server searches from several threads; HF fast tokenizers fail ("Already borrowed") when one instance
+        # pads/truncates in two threads at once, so encoding is serialised (a query embeds in milliseconds)
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, name: str | None = None) -> Embedder:
@@ -83,7 +87,8 @@ class Embedder:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text takes in the encoder (special tokens included), untruncated."""
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+        with self._lock:
+            return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length embeddings of `texts`, in order. Texts longer than the window are truncated."""
@@ -93,7 +98,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # sort by length so each batch pads little; scatter back to the caller's order
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
                 enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
