@@ -7,7 +7,7 @@ import pytest
 from lmforge.data.preference import load_preferences, to_preference
 from lmforge.data.sft import RecordError
 from lmforge.errors import LmforgeError
-from tests.finetune.fixtures import tiny_tokenizer
+from tests.finetune.fixtures import one_thread, tiny_tokenizer  # noqa: F401  (one_thread: autouse, torch on one thread)
 
 U = {"role": "user", "content": "What does join do?"}
 A1 = {"role": "assistant", "content": "It joins two paths."}

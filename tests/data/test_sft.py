@@ -17,7 +17,7 @@ from lmforge.data.sft import (
 from lmforge.errors import LmforgeError
 from lmforge.model.config import preset
 from lmforge.model.transformer import Transformer
-from tests.finetune.fixtures import tiny_tokenizer
+from tests.finetune.fixtures import one_thread, tiny_tokenizer  # noqa: F401  (one_thread: autouse, torch on one thread)
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "

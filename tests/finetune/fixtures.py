@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import pytest
+
 from lmforge.tokenizer import train_bpe
 
 TEXT = [
@@ -49,3 +51,15 @@ def tiny_base(out_dir, seed: int = 0, **cfg_overrides):
     model.init_weights(seed)
     checkpoint.save_model(model, out_dir, tokenizer=tok, lineage={"stage": "test-base"})
     return out_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared machine's other processes then cannot starve the
+    OpenMP pool (an oversubscribed pool makes every small op wait). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

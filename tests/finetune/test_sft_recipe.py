@@ -2,13 +2,16 @@
 outputs that load (final/ as a model, adapter/ as a PEFT adapter), and clear errors."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 from lmforge import checkpoint
 from lmforge.cli import main
-from lmforge.finetune import runs
+from lmforge.data.sft import collate
+from lmforge.finetune import sft
 from tests.finetune.fixtures import tiny_base
 
 FAST = ["--train.peak-flops", "1e12", "--train.dtype", "fp32", "--train.samples", "1", "--train.sample-tokens", "4"]
@@ -56,19 +59,21 @@ def test_full_sft_learns_and_resumes_exactly(base, data, tmp_path, monkeypatch):
     assert checkpoint.read_lineage(a / "final")["lineage"]["stage"] == "sft"
     assert not torch.equal(model.lm_head.weight, checkpoint.load_model(base).lm_head.weight)
 
-    # interrupted right after the step-4 checkpoint, then the same command again
+    # Ctrl-C during step 5: the step finishes, a checkpoint is saved, exit 130; the same command resumes
     b = tmp_path / "b"
-    real = runs.save_resumable
+    calls = []
 
-    def save_then_die(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt
+    def collate_then_interrupt(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return collate(*args, **kw)
 
-    monkeypatch.setattr(runs, "save_resumable", save_then_die)
-    assert _sft(base, data, b, "--max-steps", "8", "--eval-every", "4", "--save-every", "4") == 130
-    monkeypatch.setattr(runs, "save_resumable", real)
-    assert (b / "checkpoints" / "step-4").is_dir() and not (b / "final").exists()
-    assert _sft(base, data, b, "--max-steps", "8", "--eval-every", "4", "--save-every", "4") == 0
+    monkeypatch.setattr(sft, "collate", collate_then_interrupt)
+    assert _sft(base, data, b, "--max-steps", "8", "--eval-every", "4") == 130
+    monkeypatch.setattr(sft, "collate", collate)
+    assert (b / "checkpoints" / "step-5").is_dir() and not (b / "final").exists()
+    assert _sft(base, data, b, "--max-steps", "8", "--eval-every", "4") == 0
     mb = _metrics(b)
     assert [r["loss"] for r in mb if "loss" in r] == losses
     assert [r.get("val_loss") for r in mb] == [r.get("val_loss") for r in ma]

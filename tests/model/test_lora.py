@@ -20,6 +20,7 @@ from lmforge.model.lora import (
 )
 from lmforge.model.transformer import Transformer
 from tests.conftest import make_hf_model
+from tests.finetune.fixtures import one_thread  # noqa: F401  (autouse: torch on one thread)
 
 
 def _model(seed=0, **kw):

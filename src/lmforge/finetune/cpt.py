@@ -85,6 +85,7 @@ def run(cfg: CPTConfig) -> int:
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr, step_progress, total_steps
     from lmforge.training.step import clip_grad_norm, count_targets, lm_loss_sum, loss_scale
+    from lmforge.training.stop import StopRequest
 
     t = cfg.train
     if not cfg.data:
@@ -159,47 +160,54 @@ def run(cfg: CPTConfig) -> int:
     model.train()
     last: dict = {}
     val: dict = before
-    while not done():
-        t0 = time.perf_counter()
-        progress = step_progress(step, horizon, t.warmup_steps) if horizon else seconds / t.max_time
-        lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
-        set_lr(optimizer, lr)
-        batches = [loader.next_batch() for _ in range(t.grad_accum)]
-        scale = loss_scale(sum(count_targets(y) for _, y in batches))
-        step_loss = 0.0
-        for x, y in batches:
-            x, y = x.to(rt.device), y.to(rt.device)
-            with autocast_ctx():
-                loss = lm_loss_sum(model, x, y, fused=t.fused_loss) * scale
-            loss.backward()
-            step_loss += float(loss.detach())
-        grad_norm = clip_grad_norm(model, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        dt = time.perf_counter() - t0
-        seconds += dt
-        monitor.add(tokens_per_step, dt)
-        record: dict = {}
-        if step % t.log_every == 0 or done():
-            record = {"step": step, "tokens": tokens, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                      "seconds": seconds, **monitor.rate(), "epoch": loader.epoch}
-            last = record
-        if (t.eval_every and step % t.eval_every == 0) or done():
-            val = validate()
-            record = dict(record or {"step": step, "tokens": tokens}, val_loss=val["loss"], val_bpb=val["bpb"])
-        if record:
-            metrics.write(record)
-            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                            if k in ("step", "loss", "val_loss", "lr", "tokens_per_s") and v is not None)
-            bar.update(step if horizon else seconds, last.get("loss"), last.get("tokens_per_s"), line=line)
-        if t.save_every and step % t.save_every == 0 and not done():
-            st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
-            runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), st, lineage)
-            runs.prune(run_dir, t.keep_last, base.lora)
+    with StopRequest(runs.log) as stop:
+        while not done() and not stop.requested:
+            t0 = time.perf_counter()
+            progress = step_progress(step, horizon, t.warmup_steps) if horizon else seconds / t.max_time
+            lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+            set_lr(optimizer, lr)
+            batches = [loader.next_batch() for _ in range(t.grad_accum)]
+            scale = loss_scale(sum(count_targets(y) for _, y in batches))
+            step_loss = 0.0
+            for x, y in batches:
+                x, y = x.to(rt.device), y.to(rt.device)
+                with autocast_ctx():
+                    loss = lm_loss_sum(model, x, y, fused=t.fused_loss) * scale
+                loss.backward()
+                step_loss += float(loss.detach())
+            grad_norm = clip_grad_norm(model, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            seconds += dt
+            monitor.add(tokens_per_step, dt)
+            record: dict = {}
+            if step % t.log_every == 0 or done():
+                record = {"step": step, "tokens": tokens, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                          "seconds": seconds, **monitor.rate(), "epoch": loader.epoch}
+                last = record
+            if (t.eval_every and step % t.eval_every == 0) or done():
+                val = validate()
+                record = dict(record or {"step": step, "tokens": tokens}, val_loss=val["loss"], val_bpb=val["bpb"])
+            if record:
+                metrics.write(record)
+                line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                                if k in ("step", "loss", "val_loss", "lr", "tokens_per_s") and v is not None)
+                bar.update(step if horizon else seconds, last.get("loss"), last.get("tokens_per_s"), line=line)
+            if t.save_every and step % t.save_every == 0 and not done():
+                st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+                runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), st, lineage)
+                runs.prune(run_dir, t.keep_last, base.lora)
     bar.close()
     metrics.close()
+    if stop.requested:
+        if step:
+            where = runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}, lineage)
+            runs.prune(run_dir, t.keep_last, base.lora)
+            runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
+        return 130
 
     lineage.update(steps=step, tokens=tokens, seconds=round(seconds, 1))
     written = save_final(base, model, run_dir, lineage, merge=cfg.lora.merge)

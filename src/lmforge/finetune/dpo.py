@@ -147,6 +147,7 @@ def run(cfg: DPOConfig) -> int:
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr, step_progress
     from lmforge.training.step import clip_grad_norm
+    from lmforge.training.stop import StopRequest
 
     t = cfg.train
     if t.batch_size < 1 or t.grad_accum < 1:
@@ -270,61 +271,68 @@ def run(cfg: DPOConfig) -> int:
 
     model.train()
     last: dict = {}
-    while not done():
-        t_step = time.perf_counter()
-        lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
-        set_lr(optimizer, lr)
-        micro = [[i for row in loader.next_rows() for i in row] for _ in range(t.grad_accum)]
-        n_pairs = sum(len(m) for m in micro)
-        step_tokens, loss_sum = 0, 0.0
-        rewards_c, rewards_r = [], []
-        for idx in micro:
-            if base.lora:  # the reference: this model with every adapter bypassed
-                with torch.no_grad(), autocast_ctx(), lora_disabled(model):
-                    rc, rr, _ = policy_logps(model, train, idx, pad, rt.device, average)
-            else:
-                rc, rr = train_ref[0][idx].to(rt.device), train_ref[1][idx].to(rt.device)
-            with autocast_ctx():
-                pc, pr, n_tok = policy_logps(model, train, idx, pad, rt.device, average)
-            losses, cr, rj = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pr.dtype), cfg.beta, cfg.loss,
-                                      cfg.label_smoothing)
-            (losses.sum() / n_pairs).backward()  # the step's loss is the mean over all of its pairs
-            loss_sum += float(losses.detach().sum())
-            rewards_c.append(cr)
-            rewards_r.append(rj)
-            step_tokens += n_tok
-        grad_norm = clip_grad_norm(model, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += step_tokens
-        dt = time.perf_counter() - t_step
-        seconds += dt
-        monitor.add(step_tokens, dt)
-        last = {"loss": loss_sum / n_pairs, **preference_stats(torch.cat(rewards_c), torch.cat(rewards_r))}
+    with StopRequest(runs.log) as stop:
+        while not done() and not stop.requested:
+            t_step = time.perf_counter()
+            lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+            set_lr(optimizer, lr)
+            micro = [[i for row in loader.next_rows() for i in row] for _ in range(t.grad_accum)]
+            n_pairs = sum(len(m) for m in micro)
+            step_tokens, loss_sum = 0, 0.0
+            rewards_c, rewards_r = [], []
+            for idx in micro:
+                if base.lora:  # the reference: this model with every adapter bypassed
+                    with torch.no_grad(), autocast_ctx(), lora_disabled(model):
+                        rc, rr, _ = policy_logps(model, train, idx, pad, rt.device, average)
+                else:
+                    rc, rr = train_ref[0][idx].to(rt.device), train_ref[1][idx].to(rt.device)
+                with autocast_ctx():
+                    pc, pr, n_tok = policy_logps(model, train, idx, pad, rt.device, average)
+                losses, cr, rj = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pr.dtype), cfg.beta, cfg.loss,
+                                          cfg.label_smoothing)
+                (losses.sum() / n_pairs).backward()  # the step's loss is the mean over all of its pairs
+                loss_sum += float(losses.detach().sum())
+                rewards_c.append(cr)
+                rewards_r.append(rj)
+                step_tokens += n_tok
+            grad_norm = clip_grad_norm(model, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens
+            dt = time.perf_counter() - t_step
+            seconds += dt
+            monitor.add(step_tokens, dt)
+            last = {"loss": loss_sum / n_pairs, **preference_stats(torch.cat(rewards_c), torch.cat(rewards_r))}
 
-        record: dict = {}
-        if step % t.log_every == 0 or done():
-            rate = monitor.rate()
-            record.update(step=step, tokens=tokens, **last, lr=lr, grad_norm=grad_norm, epoch=loader.epochs_done,
-                          tokens_per_s=rate["tokens_per_s"], mfu=rate["mfu"], seconds=seconds)
-        if (t.eval_every and step % t.eval_every == 0) or done():
-            ev = evaluate(with_mc=done())
-            record.update(step=step, tokens=tokens, **ev)
-            last.update(ev)
-        if record:
-            metrics.write(record)
-            shown = ("step", "loss", "reward_margin", "pref_accuracy", "val_loss", "val_pref_accuracy", "mc_acc")
-            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                            if k in shown and v is not None)
-            bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
-                       record.get("tokens_per_s"), line=line)
-        if t.save_every and step % t.save_every == 0 and not done():
-            st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
-            runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), st, lineage)
-            runs.prune(run_dir, t.keep_last, base.lora)
+            record: dict = {}
+            if step % t.log_every == 0 or done():
+                rate = monitor.rate()
+                record.update(step=step, tokens=tokens, **last, lr=lr, grad_norm=grad_norm, epoch=loader.epochs_done,
+                              tokens_per_s=rate["tokens_per_s"], mfu=rate["mfu"], seconds=seconds)
+            if (t.eval_every and step % t.eval_every == 0) or done():
+                ev = evaluate(with_mc=done())
+                record.update(step=step, tokens=tokens, **ev)
+                last.update(ev)
+            if record:
+                metrics.write(record)
+                shown = ("step", "loss", "reward_margin", "pref_accuracy", "val_loss", "val_pref_accuracy", "mc_acc")
+                line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                                if k in shown and v is not None)
+                bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
+                           record.get("tokens_per_s"), line=line)
+            if t.save_every and step % t.save_every == 0 and not done():
+                st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+                runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), st, lineage)
+                runs.prune(run_dir, t.keep_last, base.lora)
     bar.close()
     metrics.close()
+    if stop.requested:
+        if step:
+            where = runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}, lineage)
+            runs.prune(run_dir, t.keep_last, base.lora)
+            runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
+        return 130
 
     lineage.update(steps=step, tokens=tokens, seconds=round(seconds, 1))
     written = save_final(base, model, run_dir, lineage, merge=cfg.lora.merge)

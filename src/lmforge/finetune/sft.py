@@ -163,6 +163,7 @@ def run(cfg: SFTConfig) -> int:
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr, step_progress
     from lmforge.training.step import clip_grad_norm, lm_loss_sum, loss_scale
+    from lmforge.training.stop import StopRequest
 
     t = cfg.train
     if t.batch_size < 1 or t.grad_accum < 1:
@@ -261,54 +262,61 @@ def run(cfg: SFTConfig) -> int:
     # -- the loop
     model.train()
     last: dict = {}
-    while not done():
-        t_step = time.perf_counter()
-        lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
-        set_lr(optimizer, lr)
-        batches = [collate(train, loader.next_rows(), pad) for _ in range(t.grad_accum)]
-        n_targets = sum(int(b["loss_mask"].sum()) for b in batches)
-        scale = loss_scale(n_targets)
-        loss_sum = 0.0
-        for b in batches:
-            b = {k: (v.to(rt.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-            with autocast_ctx():
-                loss = lm_loss_sum(model, b["input_ids"], b["targets"], fused=t.fused_loss,
-                                   input_pos=b["input_pos"], mask=b["attn_mask"])
-            (loss * scale).backward()
-            loss_sum += float(loss.detach())
-        grad_norm = clip_grad_norm(model, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        step += 1
-        tokens += step_tokens
-        train_tokens += n_targets
-        dt = time.perf_counter() - t_step
-        seconds += dt
-        monitor.add(step_tokens, dt)
-        last = {"loss": loss_sum / n_targets}
+    with StopRequest(runs.log) as stop:
+        while not done() and not stop.requested:
+            t_step = time.perf_counter()
+            lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+            set_lr(optimizer, lr)
+            batches = [collate(train, loader.next_rows(), pad) for _ in range(t.grad_accum)]
+            n_targets = sum(int(b["loss_mask"].sum()) for b in batches)
+            scale = loss_scale(n_targets)
+            loss_sum = 0.0
+            for b in batches:
+                b = {k: (v.to(rt.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                with autocast_ctx():
+                    loss = lm_loss_sum(model, b["input_ids"], b["targets"], fused=t.fused_loss,
+                                       input_pos=b["input_pos"], mask=b["attn_mask"])
+                (loss * scale).backward()
+                loss_sum += float(loss.detach())
+            grad_norm = clip_grad_norm(model, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+            step += 1
+            tokens += step_tokens
+            train_tokens += n_targets
+            dt = time.perf_counter() - t_step
+            seconds += dt
+            monitor.add(step_tokens, dt)
+            last = {"loss": loss_sum / n_targets}
 
-        record: dict = {}
-        if step % t.log_every == 0 or done():
-            rate = monitor.rate()
-            record.update(step=step, tokens=tokens, train_tokens=train_tokens, loss=last["loss"], lr=lr,
-                          grad_norm=grad_norm, epoch=loader.epochs_done, tokens_per_s=rate["tokens_per_s"],
-                          mfu=rate["mfu"], seconds=seconds)
-        if (t.eval_every and step % t.eval_every == 0) or done():
-            ev = evaluate(model, tok, val, mc if done() else [], render, autocast_ctx, mc_ex)
-            record.update(step=step, tokens=tokens, **ev)
-            last.update(ev)
-        if record:
-            metrics.write(record)
-            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                            if k in ("step", "loss", "val_loss", "mc_acc", "lr", "tokens_per_s") and v is not None)
-            bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
-                       record.get("tokens_per_s"), line=line)
-        if t.save_every and step % t.save_every == 0 and not done():
-            runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state(), lineage)
-            runs.prune(run_dir, t.keep_last, base.lora)
+            record: dict = {}
+            if step % t.log_every == 0 or done():
+                rate = monitor.rate()
+                record.update(step=step, tokens=tokens, train_tokens=train_tokens, loss=last["loss"], lr=lr,
+                              grad_norm=grad_norm, epoch=loader.epochs_done, tokens_per_s=rate["tokens_per_s"],
+                              mfu=rate["mfu"], seconds=seconds)
+            if (t.eval_every and step % t.eval_every == 0) or done():
+                ev = evaluate(model, tok, val, mc if done() else [], render, autocast_ctx, mc_ex)
+                record.update(step=step, tokens=tokens, **ev)
+                last.update(ev)
+            if record:
+                metrics.write(record)
+                line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                                if k in ("step", "loss", "val_loss", "mc_acc", "lr", "tokens_per_s") and v is not None)
+                bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
+                           record.get("tokens_per_s"), line=line)
+            if t.save_every and step % t.save_every == 0 and not done():
+                runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state(), lineage)
+                runs.prune(run_dir, t.keep_last, base.lora)
     bar.close()
     metrics.close()
+    if stop.requested:
+        if step:
+            where = runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state(), lineage)
+            runs.prune(run_dir, t.keep_last, base.lora)
+            runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
+        return 130
 
     # -- outputs
     lineage.update(steps=step, tokens=tokens, train_tokens=train_tokens, seconds=round(seconds, 1))
