@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "installing lmforge and its dependencies into $VENV" >&2
   quiet() { grep -v "is neither a file nor a directory" || true; }  # noise from this machine's pip config
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | quiet
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | quiet
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,rag]" 2>&1 | quiet
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
