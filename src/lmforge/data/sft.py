@@ -262,9 +262,10 @@ def _spans_by_sentinels(render: Callable, messages: list[dict], full: str,
                         turns: list[int]) -> list[tuple[int, int]] | None:
     marked = [(_wrap_content(m, i) if i in turns else m) for i, m in enumerate(messages)]
     try:
-        text, where = _strip_markers(render(marked))
+        whole = render(marked)
     except LmforgeError:  # the template inspects content and rejects the markers
         return None
+    text, where = _strip_markers(whole)
     if text != full:
         return None  # the template changed the content (trim, escaping...): markers would lie
     spans = []
@@ -275,7 +276,7 @@ def _spans_by_sentinels(render: Callable, messages: list[dict], full: str,
         if end < start:
             return None
         try:  # what the template writes after this turn's content when the conversation ends there
-            q, qwhere = _strip_markers(render(marked[:i + 1]))
+            q, qwhere = _strip_markers(whole if i == len(marked) - 1 else render(marked[:i + 1]))
             tail = q[qwhere[("e", i)]:].rstrip() if ("e", i) in qwhere else ""
         except LmforgeError:
             tail = ""
