@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +47,10 @@ from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected; its generations were cancelled."""
 
 
 class ServerState:
@@ -114,6 +118,10 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         msg = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
         return JSONResponse(APIError(exc.status_code, msg, type=kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, /metrics counts it
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
@@ -240,7 +248,8 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
                 for g in gens:
                     g.cancel()
                 work.cancel()
-                raise asyncio.CancelledError
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+                raise ClientGone
 
     def token_text(tok, token_id: int) -> str:
         return tok.decode([token_id], skip_special_tokens=False)
