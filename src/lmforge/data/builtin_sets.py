@@ -10,13 +10,14 @@ Facts and the questions they answer:
   class     "What is the class `json.JSONDecoder` for?"     -> the first sentence of its docstring
   method    "What does the method `json.JSONDecoder.decode` do?" -> the first sentence of its docstring
   module    "What is the Python module `textwrap` for?"     -> the module docstring's one-line summary
-Preference pairs (for DPO) ask the function question: chosen = its own docstring sentence, rejected = the sentence of
-another function (a seeded choice): a preference that needs the name to be read, not only the style to be copied.
+Preference pairs (for DPO) ask every question: chosen = its own answer, rejected = the answer of another fact of the
+same kind (another function's docstring sentence, another signature; a seeded choice): a preference that needs the
+name to be read, not only the style to be copied.
 
 The split is by subject (the dotted name), decided by a hash, so every question about a held-out function is
 held out: 10% of subjects. Held-out files for eval (written by `write_builtin_sets`):
   heldout-qa.jsonl  {"prompt": question, "answer": answer}                 (answer log-likelihood / generation)
-  heldout-mc.jsonl  {"question", "choices": [4 answers], "answer": index}  (the right docstring among 4 functions')
+  heldout-mc.jsonl  {"question", "choices": [4 answers], "answer": index}  (the right answer among 4 of its kind)
 """
 
 from __future__ import annotations
@@ -184,11 +185,19 @@ def _other_answers(pool: list[Fact], fact: Fact, k: int, salt: str) -> list[str]
     return out
 
 
+def _pools(facts: list[Fact]) -> dict[str, list[Fact]]:
+    pools: dict[str, list[Fact]] = {}
+    for f in facts:
+        pools.setdefault(f.kind, []).append(f)
+    return pools
+
+
 def preference_records(split: str = "train") -> list[dict]:
-    """{"prompt", "chosen", "rejected"}: the function's own docstring sentence over another function's."""
-    pool = [f for f in split_facts(split) if f.kind == "function"]
-    return [{"prompt": f.question, "chosen": f.answer, "rejected": _other_answers(pool, f, 1, "pref")[0]}
-            for f in pool]
+    """{"prompt", "chosen", "rejected"}: a fact's own answer over the answer of another fact of the same kind."""
+    facts = split_facts(split)
+    pools = _pools(facts)
+    return [{"prompt": f.question, "chosen": f.answer, "rejected": _other_answers(pools[f.kind], f, 1, "pref")[0]}
+            for f in facts if len(pools[f.kind]) > 2]
 
 
 def heldout_qa() -> list[dict]:
@@ -196,13 +205,18 @@ def heldout_qa() -> list[dict]:
 
 
 def heldout_mc(n_choices: int = 4) -> list[dict]:
-    """Multiple choice over held-out functions: the right sentence among n_choices (others from held-out peers)."""
-    pool = [f for f in split_facts("heldout") if f.kind == "function"]
+    """Multiple choice over every held-out fact: its answer among n_choices answers of held-out facts of the same
+    kind, in a seeded order of items (so the first N are a fair sample of all kinds)."""
+    facts = split_facts("heldout")
+    pools = _pools(facts)
     out = []
-    for f in pool:
-        choices = [f.answer] + _other_answers(pool, f, n_choices - 1, "mc")
+    for f in facts:
+        if len(pools[f.kind]) < 2 * n_choices:
+            continue
+        choices = [f.answer] + _other_answers(pools[f.kind], f, n_choices - 1, "mc")
         _rng_for(f.subject, "order").shuffle(choices)
         out.append({"question": f.question, "choices": choices, "answer": choices.index(f.answer)})
+    random.Random(0).shuffle(out)
     return out
 
 
