@@ -11,6 +11,8 @@ What is measured, per preset and variant (interleaved runs, best of --repeats, s
   - lmforge: Engine.submit of a --prompt-len prompt, greedy, --new-tokens tokens (EOS ignored); TTFT and decode
     tokens/s from the request's own timestamps; plus the overhead of the Python engine loop per token, from a
     raw `model(...)` loop on the same cache;
+  - framework overhead: ms per token of a model with the preset's depth but tiny widths (its matmuls cost
+    ~nothing), i.e. what Python and small-op dispatch cost per token, and its share of a real decode step;
   - transformers: model.generate(do_sample=False, min_new_tokens=max_new_tokens) of the same weights; TTFT is
     generate with max_new_tokens=1.
 """
@@ -51,6 +53,32 @@ def bytes_per_token(model, context: int) -> int:
     if not tied:  # an untied table is only looked up: one row per token
         total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
     return int(total + kv_bytes_per_token(model.cfg, emb.element_size()) * context)
+
+
+def overhead_probe(preset: str, tokens: int = 200, compile: bool = False) -> float:
+    """ms per decode token of a model with the preset's layer count but tiny widths: the matmuls cost ~nothing,
+    so what remains is the per-token framework overhead (Python, dispatcher, small-op launches) of that depth."""
+    import torch
+
+    from lmforge.inference.engine import Engine
+    from lmforge.inference.sampling import SamplingParams
+    from lmforge.model.config import preset as get_preset
+    from lmforge.model.transformer import Transformer
+
+    cfg = get_preset(preset).replace(vocab_size=256, hidden_size=64, intermediate_size=64, n_heads=2, n_kv_heads=1)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    m.init_weights(0)
+    eng = Engine(m, max_batch=1, max_len=tokens + 16, compile=compile)
+    sp = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    eng.generate([[1, 2, 3]], sp.replace(max_tokens=8))
+    best = float("inf")
+    for _ in range(3):
+        g = eng.submit([1, 2, 3], sp)
+        while not g.done:
+            eng.step()
+        best = min(best, (g.t_done - g.t_first) / (len(g.output_ids) - 1))
+    return best * 1e3
 
 
 def make_dir(preset: str, root: Path) -> Path:
@@ -158,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                         if "raw_model_loop_tokens_per_s" in r:
                             b["raw_model_loop_tokens_per_s"] = max(b["raw_model_loop_tokens_per_s"],
                                                                    r["raw_model_loop_tokens_per_s"])
+                overhead = {name: overhead_probe(preset, compile=bool(comp)) for name, comp in contenders
+                            if comp is not None}
+                for name, ms in overhead.items():
+                    best[name]["overhead_ms_per_token"] = ms
                 nbytes = best["lmforge"]["bytes_per_token"]
                 bound = bw * 1e9 / nbytes
                 for name, r in best.items():
@@ -165,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
                            "fraction_of_bound": r["tokens_per_s"] / bound}
                     results["runs"].append(row)
                     extra = ""
+                    if "overhead_ms_per_token" in r:
+                        ms = r["overhead_ms_per_token"]
+                        extra += f"  framework overhead {ms:.2f} ms/token ({ms * r['tokens_per_s'] / 1e3:.0%} of a step)"
                     if "raw_model_loop_tokens_per_s" in r:
                         per_tok = 1e3 / r["tokens_per_s"] - 1e3 / r["raw_model_loop_tokens_per_s"]
-                        extra = (f"  raw model loop {r['raw_model_loop_tokens_per_s']:7.1f} tok/s "
+                        extra += (f"  raw model loop {r['raw_model_loop_tokens_per_s']:7.1f} tok/s "
                                  f"(engine adds {per_tok:+.2f} ms/token)")
                     print(f"{preset:7s} {variant:5s} {name:16s} decode {r['tokens_per_s']:7.1f} tok/s  "
                           f"TTFT {r['ttft_ms']:7.1f} ms  bound {bound:6.0f} tok/s "

@@ -244,6 +244,13 @@ class Engine:
                 self.step()
         return [g.result() for g in gens]
 
+    def warmup(self) -> None:
+        """Run the single-stream and batched decode paths once (compiles them when compile=True)."""
+        sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        self.generate([[0, 1]], sp)
+        if self.max_batch > 1:
+            self.generate([[0, 1], [2, 3, 4]], sp)
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -340,7 +347,7 @@ class Engine:
                 kw = dict(input_pos=start)
             else:
                 kw = dict(input_pos=torch.arange(start, start + T, device=self.device)[None],
-                          slots=torch.tensor([g._slot], device=self.device))
+                          slots=torch.tensor([g._slot], device=self.device), cache_len=start + T)
             if last:
                 logits = self._forward(idx, cache=self.cache, logits_index=torch.tensor([T - 1], device=self.device),
                                        **kw)[:, 0]  # 1 V
@@ -374,7 +381,7 @@ class Engine:
                 toks[g._slot], pos[g._slot] = g._last, g._pos
             logits = self._decode_forward(torch.tensor(toks, device=self.device)[:, None],
                                           input_pos=torch.tensor(pos, device=self.device)[:, None],
-                                          cache=self.cache)[:, -1]  # n V
+                                          cache=self.cache, cache_len=max(pos) + 1)[:, -1]  # n V
             if len(rows) != n:
                 logits = logits[torch.tensor([g._slot for g in rows], device=self.device)]
         for g in rows:

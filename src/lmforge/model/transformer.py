@@ -232,7 +232,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | int | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                logits_index: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, return_hidden: bool = False,
+                cache_len: int | None = None) -> torch.Tensor:
         """Logits [B, T, V] for token ids idx [B, T].
 
         input_pos: None (0..T-1), an int start (rows share positions start..start+T-1), or a [B, T] tensor
@@ -241,6 +242,8 @@ class Transformer(nn.Module):
             input_pos and attention covers positions <= each query's.
         mask: explicit bool attention mask [B, 1, T, L] (True = attend), e.g. for packed documents.
         logits_index: [B] position within T per row: return logits [B, 1, V] for that token only.
+        cache_len: with per-row positions, max(input_pos) + 1 if the caller knows it (saves a host sync, and
+            a graph break under torch.compile); computed from input_pos otherwise.
         """
         B, T = idx.shape
         dev = idx.device
@@ -260,7 +263,7 @@ class Transformer(nn.Module):
             if pos_tensor is not None or slots is not None:
                 if pos_tensor is None:
                     pos_tensor = positions[None].expand(B, T)
-                length = int(pos_tensor.max()) + 1
+                length = cache_len if cache_len is not None else int(pos_tensor.max()) + 1
             else:
                 length = start + T
             if length > cache.max_len:

@@ -66,7 +66,10 @@ class ServerState:
 
     def add(self, models: dict[str, LoadedModel]) -> None:
         for name, lm in models.items():
-            engine = Engine(lm.model, eos_ids=lm.eos_ids, **self.engine_kwargs).start()
+            engine = Engine(lm.model, eos_ids=lm.eos_ids, **self.engine_kwargs)
+            if self.engine_kwargs.get("compile"):
+                engine.warmup()  # compile before /health says ready, not on the first user's request
+            engine.start()
             self.models[name], self.engines[name] = lm, engine
         self.ready = True
 
