@@ -182,8 +182,9 @@ class Engine:
         self.model = model.eval()
         self.cfg = model.cfg
         self.max_len = int(max_len or self.cfg.max_seq_len)
-        if self.max_len < 2:
-            raise LmforgeError(f"max_len must be at least 2, got {self.max_len}")
+        if not 2 <= self.max_len <= self.cfg.max_seq_len:
+            raise LmforgeError(f"max_len must be between 2 and the model's context ({self.cfg.max_seq_len}), "
+                               f"got {self.max_len}")
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.vocab_size = self.cfg.vocab_size
