@@ -4,7 +4,8 @@ same random-weight Llama shapes, next to this machine's memory-bandwidth limit.
     python benchmarks/bench_decode.py                       # presets small and medium, fp32 / bf16 / int8
     python benchmarks/bench_decode.py --presets small --compile --threads 2 --json out.json
 
-What is measured, per preset and variant (interleaved runs, best of --repeats, since shared CPUs are noisy):
+What is measured, per preset and variant (interleaved runs, best of --repeats, since shared CPUs are noisy; with
+--threads 1 times are the main thread's CPU time, so other processes competing for the cores do not count):
   - read bandwidth: best GB/s of summing a 512 MB fp32 tensor (what decode is bound by on CPU);
   - bound: the bytes decode must read per token (every matrix once, one embedding row, the KV cache so far)
     divided by that bandwidth = the most tokens/s any implementation can reach at that precision;
@@ -30,15 +31,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+CLOCK = time.perf_counter  # main() switches to time.thread_time with --threads 1 (see --clock)
+
+
 def read_bandwidth(repeats: int = 5) -> float:
     import torch
 
     x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MB, far beyond any cache
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         x.sum()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, CLOCK() - t)
     return x.numel() * 4 / best / 1e9
 
 
@@ -75,9 +79,43 @@ def overhead_probe(preset: str, tokens: int = 200, compile: bool = False) -> flo
     best = float("inf")
     for _ in range(3):
         g = eng.submit([1, 2, 3], sp)
+        eng.step()  # prefill and the first decode step
+        t = CLOCK()
+        steps = 0
         while not g.done:
             eng.step()
-        best = min(best, (g.t_done - g.t_first) / (len(g.output_ids) - 1))
+            steps += 1
+        best = min(best, (CLOCK() - t) / steps)
+    return best * 1e3
+
+
+def overhead_probe_transformers(preset: str, root: Path, tokens: int = 200) -> float:
+    """overhead_probe for transformers' generate: the same tiny-width model through AutoModelForCausalLM."""
+    import torch
+    import transformers
+
+    from lmforge.checkpoint import save_model
+    from lmforge.model.config import preset as get_preset
+    from lmforge.model.transformer import Transformer
+
+    cfg = get_preset(preset).replace(vocab_size=256, hidden_size=64, intermediate_size=64, n_heads=2, n_kv_heads=1)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    m.init_weights(0)
+    save_model(m, root / f"{preset}-probe")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / f"{preset}-probe").eval()
+    ids = torch.tensor([[1, 2, 3]])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    best = float("inf")
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+        for _ in range(3):
+            t = CLOCK()
+            model.generate(ids, max_new_tokens=1, **kw)
+            first = CLOCK() - t
+            t = CLOCK()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+            best = min(best, (CLOCK() - t - first) / (tokens - 1))
     return best * 1e3
 
 
@@ -108,21 +146,26 @@ def time_lmforge(path: Path, variant: str, prompt: list[int], new: int, compile:
     eng = Engine(lm.model, max_batch=1, max_len=len(prompt) + new + 8, compile=compile)
     sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     eng.generate([prompt], sp.replace(max_tokens=8))  # warm-up (and compile)
-    g = eng.submit(prompt, sp)
-    while not g.done:
-        eng.step()
-    ttft = g.t_first - g.t_submit
-    decode = (len(g.output_ids) - 1) / (g.t_done - g.t_first)
+
+    def run(n: int) -> float:
+        g = eng.submit(prompt, sp.replace(max_tokens=n))
+        t = CLOCK()
+        while not g.done:
+            eng.step()
+        return CLOCK() - t
+
+    ttft = run(1)  # prefill + the first token's sampling
+    total = run(new)
     # the bare model loop on the same cache: what the engine's bookkeeping costs per token
     with torch.inference_mode():
         tok = torch.tensor([[1]])
         n = len(prompt)
-        t = time.perf_counter()
+        t = CLOCK()
         for i in range(new):
             tok = eng._decode_forward(tok, input_pos=n + i, cache=eng.cache)[:, -1].argmax(-1, keepdim=True)
-        raw = new / (time.perf_counter() - t)
-    return {"ttft_ms": ttft * 1e3, "tokens_per_s": decode, "raw_model_loop_tokens_per_s": raw,
-            "bytes_per_token": bytes_per_token(lm.model, len(prompt) + new // 2)}
+        raw = new / (CLOCK() - t)
+    return {"ttft_ms": ttft * 1e3, "tokens_per_s": (new - 1) / max(total - ttft, 1e-9),
+            "raw_model_loop_tokens_per_s": raw, "bytes_per_token": bytes_per_token(lm.model, len(prompt) + new // 2)}
 
 
 def time_transformers(path: Path, variant: str, prompt: list[int], new: int) -> dict:
@@ -135,12 +178,12 @@ def time_transformers(path: Path, variant: str, prompt: list[int], new: int) -> 
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-        t = time.perf_counter()
+        t = CLOCK()
         model.generate(ids, max_new_tokens=1, **kw)
-        ttft = time.perf_counter() - t
-        t = time.perf_counter()
+        ttft = CLOCK() - t
+        t = CLOCK()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-        total = time.perf_counter() - t
+        total = CLOCK() - t
     return {"ttft_ms": ttft * 1e3, "tokens_per_s": (new - 1) / max(total - ttft, 1e-9)}
 
 
@@ -154,17 +197,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--compile", action="store_true", help="also time lmforge with torch.compile (minutes)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                    help="cpu: the main thread's CPU time, immune to other processes taking the cores (only "
+                         "meaningful with --threads 1); auto: cpu with --threads 1, else wall")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
     import torch
 
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = args.clock if args.clock != "auto" else ("cpu" if torch.get_num_threads() == 1 else "wall")
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        ap.error("--clock cpu needs --threads 1 (it times the main thread only)")
+    CLOCK = time.thread_time if clock == "cpu" else time.perf_counter
     bw = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; read bandwidth {bw:.1f} GB/s "
-          f"(best of 5, 512 MB sum)", file=sys.stderr)
-    results = {"bandwidth_gb_s": bw, "threads": torch.get_num_threads(), "runs": []}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} clock; read bandwidth {bw:.1f} GB/s "
+          f"(best of 5, 512 MB sum); load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    results = {"bandwidth_gb_s": bw, "threads": torch.get_num_threads(), "clock": clock,
+               "load_average": os.getloadavg()[0], "runs": []}
     prompt = [(7 * i + 3) % 8000 for i in range(args.prompt_len)]
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
@@ -186,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                         if "raw_model_loop_tokens_per_s" in r:
                             b["raw_model_loop_tokens_per_s"] = max(b["raw_model_loop_tokens_per_s"],
                                                                    r["raw_model_loop_tokens_per_s"])
-                overhead = {name: overhead_probe(preset, compile=bool(comp)) for name, comp in contenders
-                            if comp is not None}
+                overhead = {name: (overhead_probe(preset, compile=comp) if comp is not None
+                                   else overhead_probe_transformers(preset, Path(tmp)))
+                            for name, comp in contenders}
                 for name, ms in overhead.items():
                     best[name]["overhead_ms_per_token"] = ms
                 nbytes = best["lmforge"]["bytes_per_token"]
