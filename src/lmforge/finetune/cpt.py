@@ -95,7 +95,7 @@ def run(cfg: CPTConfig) -> int:
         if getattr(t, name) < 1:
             raise LmforgeError(f"--train.{name} must be at least 1")
     rt = distributed.setup(t.device)
-    runs.single_device(rt)
+    runs.single_device(rt, t)
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(cfg.out)
@@ -148,7 +148,8 @@ def run(cfg: CPTConfig) -> int:
     lineage = {"stage": "cpt", "base_model": str(base.path), "base_lineage": base.lineage, "data": str(cfg.data),
                "method": "lora" if base.lora else "full"}
 
-    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None)
+    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None,
+                            tensorboard=t.tensorboard)
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
     flops_tok = flops_per_token_train(model.cfg, t.seq_len) * (2 / 3 if base.lora else 1.0)
     monitor = Throughput(flops_tok, peak)

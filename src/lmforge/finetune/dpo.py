@@ -155,7 +155,7 @@ def run(cfg: DPOConfig) -> int:
     if cfg.beta <= 0:
         raise LmforgeError(f"--beta must be positive, got {cfg.beta}")
     rt = distributed.setup(t.device)
-    runs.single_device(rt)
+    runs.single_device(rt, t)
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(cfg.out)
@@ -252,7 +252,8 @@ def run(cfg: DPOConfig) -> int:
     lineage = {"stage": "dpo", "base_model": str(base.path), "base_lineage": base.lineage, "data": data["source"],
                "method": "lora" if base.lora else "full", "beta": cfg.beta, "loss": cfg.loss}
 
-    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None)
+    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None,
+                            tensorboard=t.tensorboard)
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
     # policy forward + backward, plus a reference forward per step with LoRA (training FLOPs per token ~ 6N + 2N)
     flops_tok = flops_per_token_train(model.cfg, seq_len) * ((2 / 3 + 1 / 3) if base.lora else 1.0)

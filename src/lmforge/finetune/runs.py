@@ -23,10 +23,14 @@ from lmforge.training import state as tstate
 from lmforge.training.distributed import Runtime, full_optimizer_state
 
 
-def single_device(rt: Runtime) -> None:
+def single_device(rt: Runtime, t: Any) -> None:
+    """Stage 2 trains on one device, eagerly: refuse the TrainConfig options it does not implement."""
     if rt.distributed:
-        raise LmforgeError("finetuning runs on one device (one process); launch it without torchrun. Multi-device "
-                           "data parallelism is available for pretrain and cpt's base pretraining")
+        raise LmforgeError("finetuning runs on one device (one process); launch it without torchrun "
+                           "(multi-device data parallelism is pretrain's)")
+    if t.compile:
+        raise LmforgeError("--train.compile is not supported by finetuning (LoRA's adapter switching would "
+                           "recompile); drop it")
 
 
 def start(cfg: Any, run_dir: Path) -> None:

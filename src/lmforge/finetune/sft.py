@@ -36,7 +36,7 @@ class SFTTrain(TrainConfig):
 
     max_steps: int | None = opt(None, "optimizer steps to train for (default: --train.epochs over the data)",
                                 flag="--max-steps")
-    epochs: float = opt(1.0, "passes over the training examples when no step, token or time limit is given")
+    epochs: float = opt(3.0, "passes over the training examples when no step, token or time limit is given")
     batch_size: int = opt(16, "examples (or packed rows) per micro-batch", flag="--batch-size")
     seq_len: int = opt(512, "longest example in tokens (longer ones are truncated and counted; at most the "
                             "model's context)", flag="--seq-len")
@@ -169,7 +169,7 @@ def run(cfg: SFTConfig) -> int:
     if t.batch_size < 1 or t.grad_accum < 1:
         raise LmforgeError("--batch-size and --grad-accum must be at least 1")
     rt = distributed.setup(t.device)
-    runs.single_device(rt)
+    runs.single_device(rt, t)
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(cfg.out)
@@ -234,7 +234,8 @@ def run(cfg: SFTConfig) -> int:
                "method": "lora" if base.lora else "full"}
 
     # -- monitoring
-    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None)
+    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None,
+                            tensorboard=t.tensorboard)
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
     flops_tok = flops_per_token_train(model.cfg, seq_len)
     if base.lora:  # no weight gradients for frozen matrices: about 2/3 of full training's matmul FLOPs
