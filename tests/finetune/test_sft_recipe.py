@@ -58,6 +58,10 @@ def test_full_sft_learns_and_resumes_exactly(base, data, tmp_path, monkeypatch):
     model = checkpoint.load_model(a / "final")
     assert checkpoint.read_lineage(a / "final")["lineage"]["stage"] == "sft"
     assert not torch.equal(model.lm_head.weight, checkpoint.load_model(base).lm_head.weight)
+    # the same command again has nothing to do; another config in the same directory is refused
+    assert _sft(base, data, a, "--max-steps", "8", "--eval-every", "4") == 0
+    assert _metrics(a) == ma
+    assert _sft(base, data, a, "--max-steps", "9", "--eval-every", "4") == 2
 
     # Ctrl-C during step 5: the step finishes, a checkpoint is saved, exit 130; the same command resumes
     b = tmp_path / "b"

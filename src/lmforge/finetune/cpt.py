@@ -99,6 +99,10 @@ def run(cfg: CPTConfig) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(cfg.out)
+    if t.resume and runs.finished(cfg, run_dir):
+        runs.log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
+        print(run_dir / "final")
+        return 0
     train_data, val_data = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     runs.start(cfg, run_dir)
     resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None

@@ -159,6 +159,10 @@ def run(cfg: DPOConfig) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(cfg.out)
+    if t.resume and runs.finished(cfg, run_dir):
+        runs.log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
+        print(run_dir / "final")
+        return 0
     runs.start(cfg, run_dir)
     resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None
     if resume_from is None:
@@ -259,7 +263,8 @@ def run(cfg: DPOConfig) -> int:
     flops_tok = flops_per_token_train(model.cfg, seq_len) * ((2 / 3 + 1 / 3) if base.lora else 1.0)
     monitor = Throughput(flops_tok, peak)
     bar = ProgressBar(total_steps or t.max_tokens or t.max_time,
-                      "steps" if total_steps else "tokens" if t.max_tokens else "s", start=step)
+                      "steps" if total_steps else "tokens" if t.max_tokens else "s",
+                      start=step if total_steps else tokens if t.max_tokens else seconds)
 
     def progress() -> float:
         if total_steps:

@@ -33,6 +33,28 @@ def single_device(rt: Runtime, t: Any) -> None:
                            "recompile); drop it")
 
 
+def finished(cfg: Any, run_dir: Path) -> bool:
+    """True when run_dir holds a completed run of this very config (running it again has nothing to do)."""
+    import json
+
+    import yaml
+
+    from lmforge.config import to_dict
+
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()):
+        return False
+    try:
+        done = json.loads(summary.read_text()).get("status") == "complete"
+        same = yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    except (json.JSONDecodeError, yaml.YAMLError):
+        return False
+    if done and not same:
+        raise LmforgeError(f"{run_dir} holds a finished run with a different config; use another --out, or "
+                           "--no-train.resume to train again there")
+    return done
+
+
 def start(cfg: Any, run_dir: Path) -> None:
     """Create the run directory, remove leftovers of interrupted writes, save the resolved config."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -173,6 +173,10 @@ def run(cfg: SFTConfig) -> int:
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(cfg.out)
+    if t.resume and runs.finished(cfg, run_dir):
+        runs.log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
+        print(run_dir / "final")
+        return 0
     runs.start(cfg, run_dir)
     resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None
     if resume_from is None:
@@ -243,7 +247,7 @@ def run(cfg: SFTConfig) -> int:
     monitor = Throughput(flops_tok, peak)
     bar_total, unit = ((total_steps, "steps") if total_steps else (t.max_tokens, "tokens") if t.max_tokens
                        else (t.max_time, "s"))
-    bar = ProgressBar(bar_total, unit, start=step)
+    bar = ProgressBar(bar_total, unit, start=step if total_steps else tokens if t.max_tokens else seconds)
 
     def progress() -> float:
         if total_steps:
