@@ -71,7 +71,8 @@ def worker_lmforge(args) -> dict:
             "--train.dtype", args.dtype, "--train.peak-flops", "1e12", "--train.log-every", "1",
             "--train.warmup-steps", "2"]
     if args.variant == "lmforge-lora":
-        argv += ["--lora", "--lora.rank", str(args.rank), "--no-lora.merge"]
+        argv += ["--lora", "--lora.rank", str(args.rank), "--lora.dropout", str(args.lora_dropout),
+                 "--no-lora.merge"]
     cfg = parse_config(sft.SFTConfig, argv)
     sft.run(cfg)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -103,7 +104,7 @@ def worker_hf(args) -> dict:
     if args.variant == "hf-lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.lora_dropout,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]))
     model.train()
@@ -142,9 +143,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved; best tokens/s is kept")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", default="", help=argparse.SUPPRESS)
@@ -161,24 +164,31 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         base = args.base or str(make_base(Path(scratch) / "base", args.preset))
-        results = {}
-        for v in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--worker", v.split("-")[0], "--variant", v, "--scratch", scratch,
-                   "--base", base, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-                   "--threads", str(args.threads), "--dtype", args.dtype]
-            print(f"running {v} ...", file=sys.stderr, flush=True)
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode:
-                print(p.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{v} failed")
-            results[v] = json.loads(p.stdout.strip().splitlines()[-1])
+        # Large tensors always come from mmap and go back to the OS when freed, so a process's peak RSS follows
+        # its live tensors instead of glibc's dynamic-threshold heap high-water mark.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        runs: dict[str, list[dict]] = {}
+        for r in range(args.repeat):  # interleaved, so a noisy neighbour does not land on one variant only
+            for v in args.variants.split(","):
+                cmd = [sys.executable, __file__, "--worker", v.split("-")[0], "--variant", v,
+                       "--scratch", f"{scratch}/r{r}", "--base", base, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len",
+                       str(args.seq_len), "--rank", str(args.rank), "--threads", str(args.threads),
+                       "--dtype", args.dtype, "--lora-dropout", str(args.lora_dropout)]
+                print(f"running {v} ({r + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if p.returncode:
+                    print(p.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{v} failed")
+                runs.setdefault(v, []).append(json.loads(p.stdout.strip().splitlines()[-1]))
+        results = {v: dict(rs[0], tokens_per_s=max(x["tokens_per_s"] for x in rs),
+                           peak_rss_mb=min(x["peak_rss_mb"] for x in rs)) for v, rs in runs.items()}
 
     import torch
 
     print(f"\nfinetuning benchmark: base {args.base or 'random ' + args.preset}, builtin SFT data, batch "
           f"{args.batch_size}, seq_len<={args.seq_len}, {args.threads} threads, {args.dtype}, torch "
-          f"{torch.__version__}, {args.steps} timed steps after {args.warmup}\n")
+          f"{torch.__version__}, {args.steps} timed steps after {args.warmup}, best of {args.repeat}\n")
     print("| variant | trainable params | tokens/s | peak RSS (MB) |")
     print("|---|---:|---:|---:|")
     for v, r in results.items():

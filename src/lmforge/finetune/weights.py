@@ -28,7 +28,8 @@ class LoraOptions:
                                "saved)", flag="--lora")
     rank: int = opt(16, "LoRA rank r")
     alpha: float = opt(32.0, "LoRA alpha: the update is scaled by alpha / r")
-    dropout: float = opt(0.05, "dropout on the adapter's input")
+    dropout: float = opt(0.0, "dropout on the adapter's input (PEFT's default 0; each adapted projection then "
+                              "keeps a dropped copy of its input for backward)")
     targets: list[str] = opt(help="projections to adapt (repeat the flag or separate with commas): q,k,v,o,gate,up,down",
                              default_factory=lambda: list(DEFAULT_TARGETS))
     merge: bool = opt(True, "also write final/ as a merged full model (the adapter is always in adapter/)")
