@@ -130,9 +130,10 @@ class Generation:
                 return
 
     def result(self) -> list[int]:
-        """Block until finished; the generated ids (a stop id included if one ended it)."""
-        for _ in self:
-            pass
+        """Block until finished; the generated ids (a stop id included if one ended it). Safe to call again."""
+        if not self.done:
+            for _ in self:
+                pass
         return self.output_ids
 
     # ---- engine side ---------------------------------------------------------------------------------
