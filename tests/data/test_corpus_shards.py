@@ -128,3 +128,11 @@ def test_missing_or_damaged_data_dirs(tmp_path):
     (tmp_path / "train-00001.bin").write_bytes(b"12")
     with pytest.raises(LmforgeError, match="wrong size"):
         TokenShards(tmp_path, "train")
+
+
+def test_data_tables_are_not_python_to_learn():
+    table = "name2codepoint = {\n" + "".join(f"    'e{i}': 0x{i:04x},\n" for i in range(50)) + "}\n"
+    code = "def f(x):\n    '''Double.'''\n    return 2 * x\n\nclass A:\n    pass\n"
+    assert corpus.is_data_table(table) and not corpus.is_data_table(code) and not corpus.is_data_table("")
+    names = {f.name for f in corpus.builtin_files(max_bytes=None)}
+    assert "entities.py" not in names and not any(n.startswith("_sysconfigdata") for n in names)

@@ -1,14 +1,17 @@
 """A small prepared data directory (a slice of the built-in stdlib corpus, 512-token BPE) shared by the
-pretrain tests, and a tiny PretrainConfig factory."""
+pretrain tests, and a tiny PretrainConfig factory. Torch runs on one thread."""
 
 import dataclasses
 
 import pytest
+import torch
 
 from lmforge.model.config import ModelConfig
 from lmforge.pretrain.prepare import PrepareConfig
 from lmforge.pretrain.prepare import run as prepare
 from lmforge.pretrain.train import PretrainConfig
+
+torch.set_num_threads(1)  # the suite shares two CPU cores with others
 
 TINY = ModelConfig(vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                    max_seq_len=64)

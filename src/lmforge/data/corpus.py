@@ -7,7 +7,8 @@ through `CorpusStats` so a user sees it in prepare's output and manifest.
 
 The built-in corpus ("default") is real text found on every machine with Python and copies nobody's text
 into this repository: the .py source files (code, comments and docstrings) of the Python standard library
-as installed, with tests, the generated codec tables of `encodings/`, and installed third-party packages
+as installed, with tests, installed third-party packages, generated files (the codec tables of `encodings/`,
+`pydoc_data/`, the machine's `_sysconfigdata*`) and files that are mostly a literal data table (`is_data_table`)
 excluded. Files are taken in a fixed pseudo-random order (a hash of their path relative to the stdlib root),
 so a byte cap samples the whole library rather than the alphabetically first packages, and the same Python
 version always yields the same corpus. See docs/pretrain.md for its size in tokens.
@@ -21,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,8 +65,20 @@ def _stable_key(rel: str) -> str:
     return hashlib.sha1(rel.encode()).hexdigest()
 
 
+_TABLE_LINE = re.compile(r"""^\s*['"(\d-].*[,:]\s*(#.*)?$""")
+
+
+def is_data_table(text: str) -> bool:
+    """True for a source file that is mostly a literal table (over half its lines are entries like `'x': 1,`).
+
+    Such files (html/entities.py, locale.py's alias table, stringprep.py) teach a model tables, not Python."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and sum(1 for line in lines if _TABLE_LINE.match(line)) > len(lines) / 2
+
+
 def builtin_files(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[Path]:
-    """The built-in corpus: stdlib .py files (tests excluded) in a fixed hashed order, up to max_bytes in total."""
+    """The built-in corpus: stdlib .py files (tests, generated and data-table files excluded) in a fixed hashed
+    order, up to max_bytes in total."""
     root = stdlib_root()
     if not root.is_dir():
         raise LmforgeError(f"the Python standard library was not found at {root}; give --corpus PATH instead")
@@ -72,8 +86,8 @@ def builtin_files(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith("."))
         for name in filenames:
-            if not name.endswith(".py") or name.startswith("test_"):
-                continue
+            if not name.endswith(".py") or name.startswith(("test_", "_sysconfigdata")):
+                continue  # _sysconfigdata is this machine's build configuration, not shared source
             p = Path(dirpath) / name
             try:
                 size = p.stat().st_size
@@ -86,6 +100,8 @@ def builtin_files(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[Path]:
     for _, p, size in found:
         if max_bytes is not None and total + size > max_bytes and out:
             continue  # a smaller file further on may still fit; the order stays deterministic
+        if is_data_table(p.read_text(encoding="utf-8", errors="replace")):
+            continue
         out.append(p)
         total += size
     if not out:

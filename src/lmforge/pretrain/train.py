@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from lmforge.data.shards import TokenLoader, TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, ModelConfig
 from lmforge.training import state
+from lmforge.training.compile import compile_blocks
 from lmforge.training.config import TrainConfig
 from lmforge.training.distributed import (
     Runtime,
@@ -52,12 +52,13 @@ from lmforge.training.distributed import (
 )
 from lmforge.training.evaluate import evaluate, sample
 from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
-from lmforge.training.monitor import Throughput, measure_peak_flops
+from lmforge.training.monitor import Throughput, fastest_thread_count, measure_peak_flops
 from lmforge.training.optim import build_optimizer
 from lmforge.training.precision import autocast, dtype_name, resolve_dtype
 from lmforge.training.report import write_summary
 from lmforge.training.schedule import lr_at, set_lr, step_progress, total_steps
 from lmforge.training.step import clip_grad_norm, count_targets, lm_loss_sum, loss_scale
+from lmforge.training.stop import StopRequest
 
 DEFAULT_STEPS = 600
 
@@ -70,28 +71,6 @@ class PretrainConfig:
     train: TrainConfig = opt(default_factory=TrainConfig)
     data: str = opt("data/default", "prepared data directory (from lmforge prepare)")
     out: str = opt("runs/pretrain", "run directory: checkpoints/, final/, metrics.jsonl, loss.png, report.md")
-
-
-class _StopRequest:
-    """First Ctrl-C (or SIGTERM): finish this step, save, exit. Second Ctrl-C: abort at once."""
-
-    def __init__(self, log: Callable[[str], None]):
-        self.requested, self._log, self._old = False, log, {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: no handlers, Ctrl-C raises as usual
-            self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._log("stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _model_config(cfg: PretrainConfig, vocab_size: int, log) -> ModelConfig:
@@ -190,8 +169,6 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer import Tokenizer
 
-    if t.threads:
-        torch.set_num_threads(t.threads)
     out = Path(cfg.out)
 
     # ---- data ----------------------------------------------------------------------------------------
@@ -204,6 +181,12 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     if not (t.max_steps or t.max_tokens or t.max_time):
         t.max_steps = DEFAULT_STEPS
     horizon = total_steps(t.max_steps, t.max_tokens, tokens_per_step)
+
+    if t.threads:  # after the checks above, so mistakes are reported at once
+        torch.set_num_threads(t.threads)
+    elif rt.device.type == "cpu" and torch.get_num_threads() > 1:
+        torch.set_num_threads(fastest_thread_count())
+        log(f"using {torch.get_num_threads()} CPU thread(s): the faster here right now (--train.threads N to fix)")
 
     # ---- resume or start -----------------------------------------------------------------------------
     candidates: list[Path] = []
@@ -232,7 +215,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
         step, tokens, elapsed = int(trainer["step"]), int(trainer["tokens"]), float(trainer["elapsed"])
         log(f"resuming from step {step} ({resume_from})")
     if t.compile:
-        model = torch.compile(model)
+        compile_blocks(model, rt.device, log)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -252,7 +235,6 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     bar_total = horizon if horizon else t.max_time
     bar = ProgressBar(bar_total or 1, "steps" if horizon else "s", enabled=rt.is_main,
                       start=step if horizon else elapsed)
-    stop = _StopRequest(log)
     lineage = {"stage": "pretrain", "data": str(cfg.data), "data_fingerprint": manifest.get("fingerprint"),
                "tokenizer_sha256": manifest["tokenizer"]["sha256"], "preset": cfg.preset}
     last: dict = {}
@@ -283,7 +265,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
             bar.print("  sample: " + repr(s["text"][:300]))
 
     # ---- the loop --------------------------------------------------------------------------------------
-    try:
+    with StopRequest(log) as stop, bar:
         while True:
             # budget and stop requests (agreed by all ranks, whose clocks differ)
             reason = None
@@ -359,9 +341,6 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
                     state.prune(out, t.keep_last)
             if on_step is not None and on_step(step, record or {"step": step, "loss": float(step_loss)}):
                 stop.requested = True
-    finally:
-        stop.restore()
-        bar.close()
 
     # ---- the end: final weights (or a checkpoint to resume from), plot, report ----------------------------
     interrupted = stop_reason == "interrupted"

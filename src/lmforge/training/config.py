@@ -51,11 +51,11 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = opt("auto", "compute precision: auto (bf16 autocast where the hardware has bf16, else fp32)",
                      choices=["auto", "bf16", "fp32"])
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile each transformer block (CPU: needs a C++ compiler; ~20-40 s to compile)")
     activation_checkpointing: bool = opt(False, "recompute layer activations in backward to save memory")
     fused_loss: bool = opt(True, "chunked cross-entropy that never holds the whole batch's logits")
     parallel: str = opt("ddp", "data parallelism under torchrun: ddp, or fsdp (FSDP2 fully_shard)",
                         choices=["ddp", "fsdp"])
-    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = opt(None, "CPU threads for torch (default: 1 or all cores, whichever measures faster at start)")
     peak_flops: float | None = opt(None, "peak FLOP/s of one device for MFU (default: measured at start)")
     tensorboard: bool = opt(False, "also write TensorBoard logs (needs the tensorboard package)")

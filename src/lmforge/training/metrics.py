@@ -132,6 +132,12 @@ class ProgressBar:
             self._progress.stop()
             self._progress = None
 
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def plot_loss(metrics_path: str | Path, out_png: str | Path, title: str = "loss") -> Path | None:
     """Train and validation loss against tokens seen, as a PNG (matplotlib, Agg). None if nothing to plot."""

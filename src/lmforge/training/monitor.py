@@ -45,6 +45,41 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None = None, s
     return best
 
 
+def fastest_thread_count(max_threads: int | None = None, seconds: float = 0.3) -> int:
+    """CPU threads that run a training-like op mix fastest here and now: 1 or the core count (torch's default).
+
+    On a shared machine, two threads whose partner core is busy run slower than one (every parallel op waits
+    for the descheduled thread: measured 2-8x on this project's 2-core box); on an idle one they are faster.
+    The op mix is small matmuls plus elementwise work, the shape of a small model's step.
+    """
+    import torch
+
+    n = max_threads or torch.get_num_threads()
+    if n <= 1:
+        return 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 256, generator=g)
+    w = torch.randn(256, 768, generator=g).to(torch.bfloat16)
+    before = torch.get_num_threads()
+
+    def rate(threads: int) -> float:
+        torch.set_num_threads(threads)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            y = (x.to(torch.bfloat16) @ w).float()
+            y = torch.nn.functional.silu(y) * y
+            (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)).sum()
+            done += 1
+        return done / (time.perf_counter() - start)  # sustained rate, not a lucky best
+
+    try:
+        rate(n)  # warm up
+        one, many = rate(1), rate(n)
+    finally:
+        torch.set_num_threads(before)
+    return n if many > one else 1
+
+
 class Throughput:
     """Tokens/s and MFU over the interval since the last `rate()` call, plus running totals."""
 

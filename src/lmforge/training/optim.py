@@ -33,6 +33,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    params = [p for g in groups for p in g["params"]]
+    fusable = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params) and \
+        len({p.device.type for p in params}) == 1
+    kwargs = {"fused": True} if fusable else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)

@@ -5,7 +5,8 @@ A summary is plain JSON: {"stage", "title", "status", and sections}. Sections th
 two-column tables in a fixed order (data, model, training, compute, results, then any other), "samples" (a
 list of {"prompt", "text"}) become quoted generations, "plots" (file names in the run directory) become
 images, and "notes" (a list of strings) a bullet list. A stage adds what it knows; the renderer needs no
-change. Keys may be snake_case; they are shown as words.
+change. Keys may be snake_case; they are shown as words. Values are formatted by kind: keys naming FLOPs in scientific
+notation, `mfu` as a percentage, large integers with thousands separators.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ def _fmt(key: str, value: Any) -> str:
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, (int, float)) and ("flops" in key or "flop_s" in key):
+        return f"{float(value):.3g}"
     if isinstance(value, int):
-        return f"{value:,}"
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if key.endswith("flops") or key.endswith("flop_s") or abs(value) >= 1e6:
+        if key == "mfu" or key.endswith("_mfu"):
+            return f"{value:.1%}"
+        if abs(value) >= 1e6:
             return f"{value:.3g}"
         if abs(value) >= 100:
             return f"{value:,.1f}"
