@@ -23,6 +23,8 @@ def test_preset_yaml_and_flags(tmp_path):
     assert (t.batch_size, t.grad_accum, t.seq_len, t.seed, t.eval_every, t.save_every) == (3, 2, 128, 5, 9, 11)
     assert cfg.out == "runs/y"
     assert parse_config(PretrainConfig, ["--lr", "0.01"]).train.lr == 0.01
+    assert parse_config(PretrainConfig, ["--resume"]).train.resume is True
+    assert parse_config(PretrainConfig, ["--no-resume"]).train.resume is False
     with pytest.raises(LmforgeError, match="unknown config key"):
         y.write_text("train:\n  learning_rate: 1\n")
         parse_config(PretrainConfig, ["--config", str(y)])

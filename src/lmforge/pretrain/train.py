@@ -175,7 +175,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     train_data, val_data = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     manifest = train_data.manifest
     tokenizer = Tokenizer.load(Path(cfg.data) / "tokenizer")
-    mc = _model_config(cfg, tokenizer.vocab_size, log)
+    mc = cfg.model = _model_config(cfg, tokenizer.vocab_size, log)  # the saved config.yaml shows what ran
     loader = TokenLoader(train_data, t.seq_len, t.batch_size, t.seed, rt.rank, rt.world_size)
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * rt.world_size
     if not (t.max_steps or t.max_tokens or t.max_time):
@@ -249,6 +249,10 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
                    lineage=dict(lineage, steps=step, tokens=tokens, flops=tokens * monitor.flops_per_token))
 
     def run_eval() -> None:
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks would recompile for decode shapes
+            _eval()
+
+    def _eval() -> None:
         nonlocal val, samples
         val = evaluate(raw, _val_batches(val_data, t, rt), amp_ctx, val_data.tokens_per_byte,
                        reduce=lambda v: all_reduce_sum(v, rt))

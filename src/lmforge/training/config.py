@@ -46,7 +46,7 @@ class TrainConfig:
     sample_tokens: int = opt(64, "tokens per sample generation")
     save_every: int = opt(200, "steps between checkpoints (0: only the final one)", flag="--save-every")
     keep_last: int = opt(2, "step checkpoints to keep (older ones are deleted)")
-    resume: bool = opt(True, "continue from the newest valid checkpoint in --out if there is one")
+    resume: bool = opt(True, "continue from the newest valid checkpoint in --out if there is one", flag="--resume")
     # ---- hardware
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = opt("auto", "compute precision: auto (bf16 autocast where the hardware has bf16, else fp32)",
