@@ -60,6 +60,8 @@ def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_templat
 
     adapter_dir: resume a LoRA run from this adapter (its weights replace the fresh initialisation).
     """
+    import torch
+
     from lmforge import checkpoint
     from lmforge.model.lora import apply_lora, load_lora_state_dict, trainable_parameters
     from lmforge.tokenizer import chat
@@ -70,7 +72,7 @@ def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_templat
     if checkpoint.is_adapter_dir(p):
         raise LmforgeError(f"{p} is a LoRA adapter, not a model; pass its merged model (runs/NAME/final) or merge "
                            f"it first: lmforge merge --adapter {p} --out runs/merged")
-    model = checkpoint.load_model(p, dtype=__import__("torch").float32)
+    model = checkpoint.load_model(p, dtype=torch.float32)  # fp32 master weights; autocast does the rest
     tokenizer = checkpoint.load_tokenizer(p)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -118,9 +120,11 @@ def save_checkpoint(base: Base, model: Any, out_dir: Path, lineage: dict, traine
 
 
 def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool = True) -> dict[str, str]:
-    """final/ (full model) and, for LoRA, adapter/. Returns {"final": path, "adapter": path} of what was written."""
-    import copy
+    """final/ (full model) and, for LoRA, adapter/. Returns {"final": path, "adapter": path} of what was written.
 
+    With LoRA and merge, the adapter is folded into `model` in place after adapter/ is written (no second copy of
+    the weights); the merged model computes what the adapted one did.
+    """
     from lmforge import checkpoint
     from lmforge.model.lora import merge_lora
 
@@ -130,8 +134,8 @@ def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool
                                           lineage=lineage, tokenizer=base.tokenizer)
         out["adapter"] = str(adapter)
         if merge:
-            merged = merge_lora(copy.deepcopy(model).cpu())
-            out["final"] = str(checkpoint.save_model(merged, run_dir / "final", tokenizer=base.tokenizer,
+            merge_lora(model)
+            out["final"] = str(checkpoint.save_model(model, run_dir / "final", tokenizer=base.tokenizer,
                                                      lineage={**lineage, "merged_adapter": str(adapter)}))
     else:
         out["final"] = str(checkpoint.save_model(model, run_dir / "final", tokenizer=base.tokenizer, lineage=lineage))
