@@ -20,7 +20,7 @@ ALLOWED = {
     "pretrain": {"training", "model", "tokenizer", "data", "checkpoint"},
     "finetune": {"training", "model", "tokenizer", "data", "checkpoint"},
     "inference": {"model", "tokenizer", "checkpoint"},
-    "serve": {"inference", "tokenizer"},
+    "serve": {"inference", "tokenizer", "rag"},  # the server grounds answers in an index (--rag)
     "rag": {"inference", "tokenizer"},
     "eval": {"inference", "data", "model", "checkpoint", "rag", "plan", "tokenizer"},
     "plan": {"model"},

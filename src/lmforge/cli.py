@@ -18,7 +18,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("finetune cpt", "lmforge.finetune.cpt:CPTConfig:run", "continued pretraining of a model on prepared token shards"),
     ("merge", "lmforge.finetune.merge:MergeConfig:run", "fold a LoRA adapter into its base: a full Hugging Face model directory"),
     ("generate", "lmforge.inference.generate:GenerateConfig:run", "generate text from a model (streams to stdout)"),
-    ("chat", "lmforge.inference.chat:ChatConfig:run", "chat with a model in the terminal (streaming, history)"),
+    ("chat", "lmforge.rag.chat:RagChatConfig:run", "chat with a model in the terminal (streaming, history)"),
     ("serve", "lmforge.serve.server:ServeConfig:run", "OpenAI-compatible API server and chat page"),
     ("tokenizer train", "lmforge.tokenizer.train:TrainTokenizerConfig:run", "train a byte-level BPE tokenizer on text files"),
     ("plan train", "lmforge.plan.commands:TrainPlanConfig:run_train", "pretraining cost: FLOPs, GPU-hours, wall-clock, $, memory per GPU"),

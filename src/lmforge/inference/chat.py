@@ -5,13 +5,15 @@ reset), /exit (or Ctrl-D). Ctrl-C while a reply streams stops that reply and kee
 Each turn re-renders the whole conversation with the model's chat template, as the server does; when the
 conversation outgrows the context, the oldest turns are dropped (the system prompt stays).
 
-Owns the REPL only; the text layer is generate.py, the tokens come from the Engine.
+Owns the REPL only; the text layer is generate.py, the tokens come from the Engine. Retrieval (`--rag`) comes in
+from above as an `augment` callable (rag/chat.py builds it), so this layer never imports rag.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -48,8 +50,16 @@ def fit_history(tokenizer, system: str, turns: list[dict], max_prompt: int) -> t
         turns = turns[2:] if len(turns) > 2 else turns[1:]
 
 
-def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
-    """The loop, over any text streams (default: the process's; tests drive it with StringIO)."""
+# messages, prompt-token budget -> (messages to generate from, sources to cite)
+Augment = Callable[[list[dict], int], tuple[list[dict], list[dict]]]
+
+
+def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         augment: Augment | None = None) -> None:
+    """The loop, over any text streams (default: the process's; tests drive it with StringIO).
+
+    augment: retrieval for the newest user turn; the history keeps the user's own words, not the sources.
+    """
     from lmforge.inference.sampling import SamplingParams
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -82,6 +92,11 @@ def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout
             continue
         turns.append({"role": "user", "content": text})
         ids, turns = fit_history(tokenizer, system, turns, engine.max_len - 1)
+        sources: list[dict] = []
+        if augment is not None:
+            plain = ([{"role": "system", "content": system}] if system else []) + turns
+            messages, sources = augment(plain, engine.max_len - min(cfg.max_new_tokens, engine.max_len // 2))
+            ids = chat_ids(tokenizer, messages)
         if len(ids) >= engine.max_len:
             print(f"[message too long for the {engine.max_len}-token context]", file=sys.stderr)
             turns.pop()
@@ -103,13 +118,16 @@ def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout
         stdout.write("\n")
         stdout.flush()
         turns.append({"role": "assistant", "content": "".join(reply)})
+        if sources:
+            print("sources:\n" + "\n".join(f"  [{x['n']}] {x['source']}:{x['start']}-{x['end']} "
+                                           f"(score {x['score']:.2f})" for x in sources), file=sys.stderr)
         if cfg.stats and gen.t_first is not None:
             dt = time.perf_counter() - t0
             rate = (n - 1) / max((gen.t_done or time.perf_counter()) - gen.t_first, 1e-9) if n > 1 else 0.0
             print(f"[{n} tokens in {dt:.2f}s, {rate:.1f} tokens/s]", file=sys.stderr)
 
 
-def run(cfg: ChatConfig) -> int:
+def run(cfg: ChatConfig, augment: Augment | None = None) -> int:
     from lmforge.inference.engine import Engine
     from lmforge.inference.load import load
 
@@ -122,7 +140,7 @@ def run(cfg: ChatConfig) -> int:
                            "`lmforge generate` for plain text, or a chat/instruct model")
     with Engine(lm.model, max_batch=1, eos_ids=lm.eos_ids) as engine:
         try:
-            repl(engine, tok, cfg)
+            repl(engine, tok, cfg, augment=augment)
         except KeyboardInterrupt:
             pass
     return 0

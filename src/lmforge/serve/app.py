@@ -56,7 +56,9 @@ class ClientGone(Exception):
 class ServerState:
     """Models, their engines, readiness, counters: what every request handler reads."""
 
-    def __init__(self, engine_kwargs: dict[str, Any]):
+    def __init__(self, engine_kwargs: dict[str, Any], rag: dict[str, Callable] | None = None):
+        self.rag_factories = rag or {}  # served name -> (tokenizer -> augment callable)
+        self.augment: dict[str, Callable] = {}
         self.models: dict[str, LoadedModel] = {}
         self.engines: dict[str, Engine] = {}
         self.ready = False
@@ -71,6 +73,8 @@ class ServerState:
                 engine.warmup()  # compile before /health says ready, not on the first user's request
             engine.start()
             self.models[name], self.engines[name] = lm, engine
+            if name in self.rag_factories:
+                self.augment[name] = self.rag_factories[name](lm.tokenizer)
         self.ready = True
 
     def stop(self) -> None:
@@ -81,11 +85,13 @@ class ServerState:
 def create_app(models: dict[str, LoadedModel] | None = None, *,
                loader: Callable[[], dict[str, LoadedModel]] | None = None, api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, max_len: int | None = None, prefill_chunk: int = 512,
-               max_body_bytes: int = 2_000_000, compile: bool = False) -> FastAPI:
+               max_body_bytes: int = 2_000_000, compile: bool = False,
+               rag: dict[str, Callable] | None = None) -> FastAPI:
     """The app. Pass loaded `models` (name -> LoadedModel), or a `loader` run in a thread at startup
-    (/health says 503 until it returns)."""
+    (/health says 503 until it returns). rag: served name -> factory(tokenizer) of a retrieval hook
+    (messages, budget) -> (messages, sources); chat answers of that model then carry a `sources` field."""
     state = ServerState(dict(max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                             prefill_chunk=prefill_chunk, compile=compile))
+                             prefill_chunk=prefill_chunk, compile=compile), rag)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -364,6 +370,11 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
                 msg = {**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
                        "content": m.text()}
                 messages.append(msg)
+            sources = None
+            augment = state.augment.get(req.model)
+            if augment is not None:  # retrieval embeds the question: CPU work, off the event loop
+                reserve = req.max_completion_tokens or req.max_tokens or engine.max_len // 4
+                messages, sources = await asyncio.to_thread(augment, messages, max(engine.max_len - reserve, 1))
             ids = chat_ids(tok, messages)
         except (LmforgeError, ValueError) as e:
             raise APIError(400, f"Could not apply the chat template: {e}", param="messages") from None
@@ -383,24 +394,27 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
                         "logprobs": chat_logprobs(tok, events) if req.logprobs else None, "finish_reason": reason}
                        for i, (text, reason, _, events) in enumerate(results)]
             used = sum(r[2] for r in results)
-            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+            body = {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": choices,
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+            if sources is not None:
+                body["sources"] = sources  # beside OpenAI's fields: what the answer was grounded in
+            return body
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(choices: list, usage: Any = None) -> bytes:
+        def chunk(choices: list, usage: Any = None, extra: dict | None = None) -> bytes:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": choices}
             if include_usage:
                 body["usage"] = usage
-            return sse.event(body)
+            return sse.event({**body, **(extra or {})})
 
         async def stream():
             used = [0] * len(gens)
             for i in range(len(gens)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+                              "finish_reason": None}], extra={"sources": sources} if sources is not None and i == 0 else None)
             async for i, d in merged(gens, tok, stops):
                 used[i] = d.completion_tokens
                 if d.finish_reason == "error":

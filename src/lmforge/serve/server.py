@@ -34,6 +34,9 @@ class ServeConfig:
     compile: bool = opt(False, "torch.compile the decode step (slow to start, faster per token)")
     max_body_mb: float = opt(2.0, "largest request body accepted, in MB (larger: 413)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    rag: list[str] = opt(help="ground a served model's chat answers in a RAG index, as NAME=INDEX_DIR (repeatable); "
+                              "answers then carry a `sources` field", default_factory=list)
+    rag_top_k: int = opt(4, "chunks retrieved per question (with --rag)")
     log_level: str = opt("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -82,6 +85,23 @@ def make_loader(specs: list[tuple[str, Path, Path | None]], dtype: str, quantize
     return loader
 
 
+def rag_factories(specs: list[str], served: list[str], top_k: int) -> dict:
+    """--rag NAME=INDEX -> {NAME: factory(tokenizer) -> retrieval hook}; the index opens when its model loads."""
+    from lmforge.rag.chat import make_augment
+
+    out = {}
+    for spec in specs:
+        name, sep, index = spec.partition("=")
+        if not sep or not index:
+            raise LmforgeError(f"--rag {spec!r}: write it as NAME=INDEX_DIR (NAME is a served model)")
+        if name not in served:
+            raise LmforgeError(f"--rag {spec}: no served model is named {name!r} (served: {', '.join(served)})")
+        if not (Path(index) / "manifest.json").is_file():
+            raise LmforgeError(f"--rag {spec}: {index} is not a RAG index (build one with `lmforge rag index`)")
+        out[name] = lambda tok, index=index: make_augment(index, tok, top_k)
+    return out
+
+
 def run(cfg: ServeConfig) -> int:
     import uvicorn
 
@@ -95,7 +115,7 @@ def run(cfg: ServeConfig) -> int:
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
     app = create_app(loader=make_loader(specs, cfg.dtype, cfg.quantize), api_key=key, max_batch=cfg.max_batch,
                      max_queue=cfg.max_queue, max_len=cfg.max_len, max_body_bytes=int(cfg.max_body_mb * 1e6),
-                     compile=cfg.compile)
+                     compile=cfg.compile, rag=rag_factories(cfg.rag, [name for name, _, _ in specs], cfg.rag_top_k))
     print(f"lmforge serve: http://{cfg.host}:{cfg.port}/ (chat page), OpenAI API at http://{cfg.host}:{cfg.port}/v1"
           + (" (API key required)" if key else ""), file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
