@@ -3,7 +3,7 @@
 # It is also the executable description of lmforge's workflow: every step is one `lmforge` command.
 #
 #   1. prepare   the Python standard library's own source -> a BPE tokenizer + token shards
-#   2. pretrain  a ~5M-parameter Llama from scratch on it
+#   2. pretrain  a ~5M-parameter Llama from scratch on it (600 steps, 1.2M tokens)
 #   3. finetune  SFT, then DPO, on questions about the stdlib that its docstrings and signatures answer
 #   4. compare   base vs few-shot vs SFT vs DPO on held-out questions: accuracy, latency, cost
 #   5. generate  ask the finetuned model a question
@@ -24,15 +24,18 @@ step "1/5 prepare: tokenizer + token shards from the built-in corpus"
 lmforge prepare --corpus default --out "$DATA"
 
 step "2/5 pretrain: a tiny Llama from scratch"
-lmforge pretrain --data "$DATA" --preset tiny --out "$RUN/pretrain" --max-time 240
+lmforge pretrain --data "$DATA" --preset tiny --out "$RUN/pretrain" --max-steps 600
 
 step "3/5 finetune: SFT on the built-in instruction set, then DPO on its preference pairs"
-lmforge finetune sft --base "$RUN/pretrain/final" --data builtin --out "$RUN/sft" --max-time 120
-lmforge finetune dpo --base "$RUN/sft/final" --data builtin --out "$RUN/dpo" --max-time 60
+# token and step budgets (not wall-clock ones) keep the runs reproducible; each report scores held-out questions
+lmforge finetune sft --base "$RUN/pretrain/final" --data builtin --out "$RUN/sft" \
+  --max-tokens 500000 --pack --batch-size 8 --lr 2e-3 --eval-every 0
+lmforge finetune dpo --base "$RUN/sft/final" --data builtin --out "$RUN/dpo" \
+  --max-steps 100 --batch-size 8 --lr 2e-4 --eval-every 0
 
 step "4/5 compare: which approach answers held-out questions best?"
 HELDOUT="$RUN/sft/data/heldout-mc.jsonl"
-lmforge compare --task "$HELDOUT" --metric choice \
+lmforge compare --task "$HELDOUT" --metric choice --limit 200 \
   --variant base="$RUN/pretrain/final" \
   --variant fewshot="$RUN/pretrain/final",shots=3 \
   --variant sft="$RUN/sft/final" \
