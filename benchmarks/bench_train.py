@@ -7,7 +7,10 @@ side in one run; plus lmforge's MFU against this machine's measured bf16 matmul 
 
 Each measurement runs in its own child process (so peak memory is that variant's own: ru_maxrss on CPU,
 max_memory_allocated on CUDA), and the variants alternate round by round so that a noisy shared machine
-slows them alike; the table reports the median tokens/s over rounds. Both loops do the same work per step:
+slows them alike; the table reports the median tokens/s over rounds and, as the ratio, the median of the
+per-round ratios to transformers (each round's pair ran back to back, so the ratio resists load changes better
+than the medians do; on a shared 2-core machine 2-thread figures still swing several-fold between rounds, and
+--threads 1 is the steadier comparison). Both loops do the same work per step:
 forward, summed cross-entropy over every target, backward, gradient clipping to 1.0, AdamW step.
 
 Variants:
@@ -168,21 +171,21 @@ def main() -> None:
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[v].append(res)
             print(f"round {r + 1} {v:<16} {res['tokens_per_s']:8.0f} tokens/s", file=sys.stderr, flush=True)
-    ref = statistics.median(x["tokens_per_s"] for x in results.get("transformers", [])) if "transformers" in results else None
+    ref = results.get("transformers")
     rows = []
-    print("\n| variant | tokens/s (median) | vs transformers | peak memory | MFU | compile |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | tokens/s (median) | vs transformers (median of round ratios) | peak memory | MFU | compile | rounds |")
+    print("|---|---|---|---|---|---|---|")
     for v in variants:
-        tps = statistics.median(x["tokens_per_s"] for x in results[v])
+        per_round = [x["tokens_per_s"] for x in results[v]]
+        tps = statistics.median(per_round)
+        ratio = statistics.median(a / b["tokens_per_s"] for a, b in zip(per_round, ref)) if ref else None
         mem = max(x["peak_mem_bytes"] for x in results[v])
         mfu = tps * results[v][0]["flops_per_token"] / peak
         comp = results[v][0]["compile_s"]
-        ratio = f"{tps / ref:.2f}x" if ref else "—"
-        print(f"| {v} | {tps:,.0f} | {ratio} | {mem / 2**20:,.0f} MiB | {mfu:.1%} | "
-              f"{f'{comp:.0f}s' if comp else '—'} |")
-        rows.append({"variant": v, "tokens_per_s": tps, "ratio_vs_transformers": tps / ref if ref else None,
-                     "peak_mem_bytes": mem, "mfu": mfu, "compile_s": comp,
-                     "rounds": [x["tokens_per_s"] for x in results[v]]})
+        print(f"| {v} | {tps:,.0f} | {f'{ratio:.2f}x' if ratio else '—'} | {mem / 2**20:,.0f} MiB | {mfu:.1%} | "
+              f"{f'{comp:.0f}s' if comp else '—'} | {', '.join(f'{x:.0f}' for x in per_round)} |")
+        rows.append({"variant": v, "tokens_per_s": tps, "ratio_vs_transformers": ratio, "peak_mem_bytes": mem,
+                     "mfu": mfu, "compile_s": comp, "rounds": per_round})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "peak_flops": peak, "results": rows}, f, indent=2)
