@@ -193,6 +193,7 @@ def run(cfg: GenerateConfig) -> int:
     finally:
         engine.stop()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the text ends before the stats line on stderr, also when both go to one pipe
     dt = time.perf_counter() - t0
     ttft = (gen.t_first - gen.t_submit) if gen.t_first else float("nan")
     decode_s = (gen.t_done or time.perf_counter()) - (gen.t_first or t0)
