@@ -72,11 +72,10 @@ def val_batches(shards: Any, seq_len: int, batch_size: int, eval_tokens: int):
 
 
 def run(cfg: CPTConfig) -> int:
-    import torch
 
     from lmforge.data.shards import TokenLoader, TokenShards
     from lmforge.model.accounting import flops_per_token_train
-    from lmforge.training import distributed, precision
+    from lmforge.training import precision
     from lmforge.training import state as tstate
     from lmforge.training.evaluate import evaluate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
@@ -94,21 +93,11 @@ def run(cfg: CPTConfig) -> int:
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise LmforgeError(f"--train.{name} must be at least 1")
-    rt = distributed.setup(t.device)
-    runs.single_device(rt, t)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    run_dir = Path(cfg.out)
-    if t.resume and runs.finished(cfg, run_dir):
-        runs.log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
-        print(run_dir / "final")
+    train_data, val_data = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")  # bad data: error first
+    opened = runs.open_run(cfg, cfg.lora.enabled)
+    if opened is None:
         return 0
-    train_data, val_data = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
-    runs.start(cfg, run_dir)
-    resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None
-    if resume_from is None:
-        runs.check_resume_kind(run_dir, cfg.lora.enabled)
-    tstate.seed_everything(t.seed)
+    rt, run_dir, resume_from = opened
 
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
                      adapter_dir=resume_from if cfg.lora.enabled else None)

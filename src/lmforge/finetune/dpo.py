@@ -139,7 +139,7 @@ def run(cfg: DPOConfig) -> int:
     from lmforge.finetune.losses import dpo_loss, preference_stats
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.model.lora import lora_disabled
-    from lmforge.training import distributed, precision
+    from lmforge.training import precision
     from lmforge.training import state as tstate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
     from lmforge.training.monitor import Throughput, measure_peak_flops
@@ -154,20 +154,10 @@ def run(cfg: DPOConfig) -> int:
         raise LmforgeError("--batch-size and --grad-accum must be at least 1")
     if cfg.beta <= 0:
         raise LmforgeError(f"--beta must be positive, got {cfg.beta}")
-    rt = distributed.setup(t.device)
-    runs.single_device(rt, t)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    run_dir = Path(cfg.out)
-    if t.resume and runs.finished(cfg, run_dir):
-        runs.log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
-        print(run_dir / "final")
+    opened = runs.open_run(cfg, cfg.lora.enabled)
+    if opened is None:
         return 0
-    runs.start(cfg, run_dir)
-    resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None
-    if resume_from is None:
-        runs.check_resume_kind(run_dir, cfg.lora.enabled)
-    tstate.seed_everything(t.seed)
+    rt, run_dir, resume_from = opened
 
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
                      adapter_dir=resume_from if cfg.lora.enabled else None)

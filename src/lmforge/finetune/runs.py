@@ -23,6 +23,32 @@ from lmforge.training import state as tstate
 from lmforge.training.distributed import Runtime, full_optimizer_state
 
 
+def open_run(cfg: Any, lora: bool) -> tuple[Runtime, Path, Path | None] | None:
+    """The prelude every stage-2 recipe shares: device and threads, 'nothing to do' for a finished run, the run
+    directory and its config, where to resume from, and the seeds. Returns (runtime, run_dir, resume_from), or
+    None when this exact run already finished (its final/ is printed, as a finished run's result)."""
+    import torch
+
+    from lmforge.training import distributed
+
+    t = cfg.train
+    rt = distributed.setup(t.device)
+    single_device(rt, t)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    run_dir = Path(cfg.out)
+    if t.resume and finished(cfg, run_dir):
+        log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
+        print(run_dir / "final")
+        return None
+    start(cfg, run_dir)
+    resume_from = resume_point(run_dir, lora) if t.resume else None
+    if resume_from is None:
+        check_resume_kind(run_dir, lora)
+    tstate.seed_everything(t.seed)
+    return rt, run_dir, resume_from
+
+
 def single_device(rt: Runtime, t: Any) -> None:
     """Stage 2 trains on one device, eagerly: refuse the TrainConfig options it does not implement."""
     if rt.distributed:

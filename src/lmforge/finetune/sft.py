@@ -155,7 +155,7 @@ def run(cfg: SFTConfig) -> int:
     from lmforge.data.sft import chat_renderer
     from lmforge.finetune.heldout import mc_examples as build_mc
     from lmforge.model.accounting import flops_per_token_train
-    from lmforge.training import distributed, precision
+    from lmforge.training import precision
     from lmforge.training import state as tstate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
     from lmforge.training.monitor import Throughput, measure_peak_flops
@@ -168,20 +168,10 @@ def run(cfg: SFTConfig) -> int:
     t = cfg.train
     if t.batch_size < 1 or t.grad_accum < 1:
         raise LmforgeError("--batch-size and --grad-accum must be at least 1")
-    rt = distributed.setup(t.device)
-    runs.single_device(rt, t)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    run_dir = Path(cfg.out)
-    if t.resume and runs.finished(cfg, run_dir):
-        runs.log(f"nothing to do: {run_dir} already holds this finished run (its report: {run_dir / 'report.md'})")
-        print(run_dir / "final")
+    opened = runs.open_run(cfg, cfg.lora.enabled)
+    if opened is None:
         return 0
-    runs.start(cfg, run_dir)
-    resume_from = runs.resume_point(run_dir, cfg.lora.enabled) if t.resume else None
-    if resume_from is None:
-        runs.check_resume_kind(run_dir, cfg.lora.enabled)
-    tstate.seed_everything(t.seed)
+    rt, run_dir, resume_from = opened
 
     # -- the base model, LoRA or not
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
