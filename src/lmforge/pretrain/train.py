@@ -10,7 +10,7 @@ evaluate -> checkpoint. The arithmetic lives in lmforge.training (tested there);
 Decisions:
 - The model's vocabulary is the data's tokenizer's (model.vocab_size is derived, not configured).
 - Budget: --max-steps, --max-tokens, --max-time; the first reached stops the run. The LR schedule spans the
-  step/token budget, or the time budget when it is the only one. With none given: 600 steps.
+  step/token budget, or the time budget when it is the only one. With none given: 500 steps.
 - Resume: running the same command again (resume is on by default) continues from the newest valid
   checkpoint in --out: weights, optimizer, schedule step, data position and RNG states, so on CPU a resumed run
   reproduces the uninterrupted one exactly. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a
@@ -60,7 +60,7 @@ from lmforge.training.schedule import lr_at, set_lr, step_progress, total_steps
 from lmforge.training.step import clip_grad_norm, count_targets, lm_loss_sum, loss_scale
 from lmforge.training.stop import StopRequest
 
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 500  # the built-in run: ~1M tokens, about 3-4 minutes on 2 quiet CPU cores
 
 
 @dataclass

@@ -17,8 +17,8 @@ from lmforge.config import opt
 @dataclass
 class TrainConfig:
     # ---- budget: training stops at the first limit reached; the LR schedule spans steps (or tokens, or time)
-    max_steps: int | None = opt(None, "optimizer steps to train for, the LR schedule's length (default: 600 when no "
-                                      "--max-tokens or --max-time is given)", flag="--max-steps")
+    max_steps: int | None = opt(None, "optimizer steps to train for, the LR schedule's length (none: the recipe's "
+                                      "default budget; pretrain: 500 steps)", flag="--max-steps")
     max_tokens: int | None = opt(None, "stop after this many training tokens (the schedule spans the first limit)",
                                  flag="--max-tokens")
     max_time: float | None = opt(None, "stop after this many seconds of training (the schedule follows time only "
