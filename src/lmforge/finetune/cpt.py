@@ -76,7 +76,6 @@ def run(cfg: CPTConfig) -> int:
     from lmforge.data.shards import TokenLoader, TokenShards
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.training import precision
-    from lmforge.training import state as tstate
     from lmforge.training.evaluate import evaluate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
     from lmforge.training.monitor import Throughput, measure_peak_flops
@@ -148,6 +147,10 @@ def run(cfg: CPTConfig) -> int:
     monitor = Throughput(flops_tok, peak)
     bar = ProgressBar(horizon or t.max_time, "steps" if horizon else "s", start=step if horizon else seconds)
 
+    def trainer_state() -> dict:
+        """What a checkpoint needs to resume this run exactly."""
+        return {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+
     def done() -> bool:
         return bool((horizon is not None and step >= horizon) or (t.max_time and seconds >= t.max_time))
 
@@ -187,19 +190,15 @@ def run(cfg: CPTConfig) -> int:
                 record = dict(record or {"step": step, "tokens": tokens}, val_loss=val["loss"], val_bpb=val["bpb"])
             if record:
                 metrics.write(record)
-                line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                                if k in ("step", "loss", "val_loss", "lr", "tokens_per_s") and v is not None)
+                line = runs.record_line(record, ("step", "loss", "val_loss", "lr", "tokens_per_s"))
                 bar.update(step if horizon else seconds, last.get("loss"), last.get("tokens_per_s"), line=line)
             if t.save_every and step % t.save_every == 0 and not done():
-                st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
-                runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), st, lineage)
-                runs.prune(run_dir, t.keep_last, base.lora)
+                runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
     bar.close()
     metrics.close()
     if stop.requested:
         if step:
-            where = runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}, lineage)
-            runs.prune(run_dir, t.keep_last, base.lora)
+            where = runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
             runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
         return 130
 

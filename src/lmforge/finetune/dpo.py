@@ -140,7 +140,6 @@ def run(cfg: DPOConfig) -> int:
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.model.lora import lora_disabled
     from lmforge.training import precision
-    from lmforge.training import state as tstate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
     from lmforge.training.monitor import Throughput, measure_peak_flops
     from lmforge.training.optim import build_optimizer
@@ -261,6 +260,10 @@ def run(cfg: DPOConfig) -> int:
             return step_progress(step, total_steps, t.warmup_steps)
         return tokens / t.max_tokens if t.max_tokens else seconds / t.max_time
 
+    def trainer_state() -> dict:
+        """What a checkpoint needs to resume this run exactly."""
+        return {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+
     def done() -> bool:
         return bool((total_steps and step >= total_steps) or (t.max_tokens and tokens >= t.max_tokens)
                     or (t.max_time and seconds >= t.max_time))
@@ -313,20 +316,16 @@ def run(cfg: DPOConfig) -> int:
             if record:
                 metrics.write(record)
                 shown = ("step", "loss", "reward_margin", "pref_accuracy", "val_loss", "val_pref_accuracy", "mc_acc")
-                line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                                if k in shown and v is not None)
+                line = runs.record_line(record, shown)
                 bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
                            record.get("tokens_per_s"), line=line)
             if t.save_every and step % t.save_every == 0 and not done():
-                st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
-                runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), st, lineage)
-                runs.prune(run_dir, t.keep_last, base.lora)
+                runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
     bar.close()
     metrics.close()
     if stop.requested:
         if step:
-            where = runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}, lineage)
-            runs.prune(run_dir, t.keep_last, base.lora)
+            where = runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
             runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
         return 130
 

@@ -128,6 +128,20 @@ def save_resumable(base: Base, model: Any, optimizer: Any, rt: Runtime, out: Pat
                              trainer_state=state, tokenizer=base.tokenizer)
 
 
+def save_and_prune(base: Base, model: Any, optimizer: Any, rt: Runtime, run_dir: Path, step: int,
+                   trainer_state: dict, lineage: dict, keep_last: int) -> Path:
+    """Checkpoint step `step` (resumable) and keep only the newest `keep_last`; returns the checkpoint's path."""
+    where = save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state, lineage)
+    prune(run_dir, keep_last, base.lora)
+    return where
+
+
+def record_line(record: dict, keys: tuple[str, ...]) -> str:
+    """The progress bar's text for a metrics record: the named fields, floats to 4 significant digits."""
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                    if k in keys and v is not None)
+
+
 def restore(model: Any, optimizer: Any, state: dict) -> None:
     """Optimizer and RNG state from a checkpoint's trainer state (weights are loaded by load_base)."""
     from lmforge.training.distributed import load_optimizer_state

@@ -156,7 +156,6 @@ def run(cfg: SFTConfig) -> int:
     from lmforge.finetune.heldout import mc_examples as build_mc
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.training import precision
-    from lmforge.training import state as tstate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
     from lmforge.training.monitor import Throughput, measure_peak_flops
     from lmforge.training.optim import build_optimizer
@@ -297,19 +296,16 @@ def run(cfg: SFTConfig) -> int:
                 last.update(ev)
             if record:
                 metrics.write(record)
-                line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                                if k in ("step", "loss", "val_loss", "mc_acc", "lr", "tokens_per_s") and v is not None)
+                line = runs.record_line(record, ("step", "loss", "val_loss", "mc_acc", "lr", "tokens_per_s"))
                 bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
                            record.get("tokens_per_s"), line=line)
             if t.save_every and step % t.save_every == 0 and not done():
-                runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state(), lineage)
-                runs.prune(run_dir, t.keep_last, base.lora)
+                runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
     bar.close()
     metrics.close()
     if stop.requested:
         if step:
-            where = runs.save_resumable(base, model, optimizer, rt, tstate.step_dir(run_dir, step), trainer_state(), lineage)
-            runs.prune(run_dir, t.keep_last, base.lora)
+            where = runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
             runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
         return 130
 
