@@ -54,7 +54,7 @@ def test_greedy_same_alone_and_in_busy_batch(model):
     batched = eng.generate(ps, mixed)
     for a, b, sp in zip(alone, batched, mixed):
         assert b == a[:sp.max_tokens]
-    assert eng.load() == {"waiting": 0, "running": 0}
+    assert eng.queue_stats() == {"waiting": 0, "running": 0}
 
 
 def test_seeded_sampling_is_batch_invariant_and_reproducible(model):
@@ -113,7 +113,7 @@ def test_threaded_submit_cancel_and_slot_release(model):
         assert not errs and len(outs) == 6 and all(len(o) == 12 for o in outs)
     finally:
         eng.stop()
-    assert eng.load()["running"] == 0
+    assert eng.queue_stats()["running"] == 0
 
 
 def test_logprobs_are_raw_model_logprobs(model):

@@ -52,11 +52,12 @@ def test_serve_returns_sources(rag_setup):
 
     from lmforge.serve.app import create_app
     from lmforge.serve.server import make_loader, parse_specs, rag_factories
+    from lmforge.serve.state import EngineOptions
     from tests.serve.conftest import LiveServer
 
     model_dir, index_dir = rag_setup
     specs = parse_specs([f"tiny={model_dir}"], [])
-    app = create_app(loader=make_loader(specs, "float32", None), max_batch=2,
+    app = create_app(loader=make_loader(specs, "float32", None), engine=EngineOptions(max_batch=2),
                      rag=rag_factories([f"tiny={index_dir}"], ["tiny"], 2))
     server = LiveServer(app).start()
     try:

@@ -75,10 +75,12 @@ def model_dirs(tmp_path_factory):
 def live(model_dirs):
     from lmforge.serve.app import create_app
     from lmforge.serve.server import make_loader, parse_specs
+    from lmforge.serve.state import EngineOptions
 
     base, adapter = model_dirs
     specs = parse_specs([f"tiny={base}"], [f"tiny-sql=tiny:{adapter}"])
-    app = create_app(loader=make_loader(specs, "float32", None), api_key="sk-test", max_batch=4, max_queue=64)
+    app = create_app(loader=make_loader(specs, "float32", None), api_key="sk-test",
+                     engine=EngineOptions(max_batch=4, max_queue=64))
     server = LiveServer(app).start()
     server.wait_ready()
     yield server

@@ -116,9 +116,9 @@ def test_disconnect_mid_stream_frees_the_slot(live):
                 if got == 3:
                     break
     deadline = time.time() + 10
-    while engine.load()["running"] and time.time() < deadline:
+    while engine.queue_stats()["running"] and time.time() < deadline:
         time.sleep(0.02)
-    assert engine.load()["running"] == 0
+    assert engine.queue_stats()["running"] == 0
     assert engine.stats.generation_tokens_total - before < 150  # cancelled, not run on to max_tokens
 
 

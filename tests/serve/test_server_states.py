@@ -10,6 +10,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference.load import load
 from lmforge.serve.app import create_app
 from lmforge.serve.server import parse_specs
+from lmforge.serve.state import EngineOptions
 from tests.serve.conftest import LiveServer
 
 
@@ -21,7 +22,7 @@ def test_health_is_503_while_loading_then_200(model_dirs):
         release.wait(30)
         return {"tiny": load(base, name="tiny")}
 
-    server = LiveServer(create_app(loader=slow_loader, max_batch=1, max_queue=1)).start()
+    server = LiveServer(create_app(loader=slow_loader, engine=EngineOptions(max_batch=1, max_queue=1))).start()
     try:
         r = httpx.get(server.url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -47,7 +48,7 @@ def test_health_is_503_while_loading_then_200(model_dirs):
                                       kwargs=dict(json=body, timeout=60))
             second.start()
             deadline = time.time() + 20
-            while engine.load()["waiting"] < 1 and time.time() < deadline:
+            while engine.queue_stats()["waiting"] < 1 and time.time() < deadline:
                 time.sleep(0.01)
             third = httpx.post(server.url + "/v1/completions", json=body)
             assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"

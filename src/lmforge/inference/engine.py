@@ -283,8 +283,8 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def load(self) -> dict:
-        """Queue length and running batch size right now."""
+    def queue_stats(self) -> dict:
+        """Queue length and running batch size right now: {"waiting": n, "running": n}."""
         return {"waiting": len(self._waiting), "running": sum(g is not None for g in self._slots)}
 
     # ---- the scheduler (one thread) ------------------------------------------------------------------

@@ -34,7 +34,7 @@ class Metrics:
             items = sorted(self.http.items())
         for (endpoint, status), n in items:
             out.append(f'lmforge_http_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-        rows = [(name, e.stats, e.load()) for name, e in engines.items()]
+        rows = [(name, e.stats, e.queue_stats()) for name, e in engines.items()]
         simple = [
             ("lmforge_requests_total", "counter", "Generation requests submitted to the engine.",
              lambda s, ld: s.requests_total),

@@ -1,8 +1,10 @@
 """OpenAI request bodies as pydantic models, with the value ranges OpenAI documents.
 
-Owns: what a request may say and the allowed ranges (a value outside them is a 400 naming the parameter).
-Leaves to app.py the defaults that depend on the model (max_tokens from the context left), and to
-inference/sampling.py what the values mean. Responses are plain dicts built in app.py, in OpenAI's shape.
+Owns: what a request may say and the allowed ranges (a value outside them is a 400 naming the parameter),
+and the request's sampling values as the engine's SamplingParams (`sampling()`, OpenAI's defaults).
+Leaves to openai.py the defaults that depend on the model (max_tokens from the context left), to
+inference/sampling.py what the values mean, and to reply.py the responses (plain dicts in OpenAI's shape).
+A new request field is declared here and read where it is used.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, `metadata`, ...). Beyond
 OpenAI's fields: vLLM's sampling extras top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids.
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmforge.inference.sampling import SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -54,6 +58,20 @@ class _Sampling(BaseModel):
     @property
     def stops(self) -> list[str]:
         return list(self.stop or [])  # normalised to a list by the validator
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: int, logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
+        """The engine's parameters for this request (OpenAI's defaults: temperature 1, top_p 1; top_k -1 = off).
+        The ranges were checked above; the engine's own validation (at submit) is the one that counts."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 class ChatMessage(BaseModel):

@@ -106,6 +106,7 @@ def run(cfg: ServeConfig) -> int:
     import uvicorn
 
     from lmforge.serve.app import create_app
+    from lmforge.serve.state import EngineOptions
 
     specs = parse_specs(cfg.model, cfg.adapter)
     if cfg.threads > 0:
@@ -113,9 +114,10 @@ def run(cfg: ServeConfig) -> int:
 
         torch.set_num_threads(cfg.threads)
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    app = create_app(loader=make_loader(specs, cfg.dtype, cfg.quantize), api_key=key, max_batch=cfg.max_batch,
-                     max_queue=cfg.max_queue, max_len=cfg.max_len, max_body_bytes=int(cfg.max_body_mb * 1e6),
-                     compile=cfg.compile, rag=rag_factories(cfg.rag, [name for name, _, _ in specs], cfg.rag_top_k))
+    engine = EngineOptions(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len, compile=cfg.compile)
+    app = create_app(loader=make_loader(specs, cfg.dtype, cfg.quantize), api_key=key, engine=engine,
+                     max_body_bytes=int(cfg.max_body_mb * 1e6),
+                     rag=rag_factories(cfg.rag, [name for name, _, _ in specs], cfg.rag_top_k))
     print(f"lmforge serve: http://{cfg.host}:{cfg.port}/ (chat page), OpenAI API at http://{cfg.host}:{cfg.port}/v1"
           + (" (API key required)" if key else ""), file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
