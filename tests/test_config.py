@@ -68,3 +68,26 @@ def test_help_shows_defaults(capsys):
         parse_config(Cfg, ["--help"])
     out = capsys.readouterr().out
     assert "--max-steps" in out and "(default: 100)" in out
+
+
+@dataclass
+class Sampling:
+    temperature: float = opt(1.0, "temperature", flag="--temperature")
+
+
+@dataclass
+class Verb:
+    dtype: str = opt("float32", "dtype", choices=["float32", "bfloat16"])
+    sampling: Sampling = opt(default_factory=lambda: Sampling(temperature=0.7))
+
+
+def test_help_lists_choices_and_an_embedded_sections_own_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Verb, ["--help"])
+    out = capsys.readouterr().out
+    assert "--dtype {float32,bfloat16}" in out
+    assert "(default: 0.7)" in out and "(default: 1.0)" not in out  # the embedding's default, not the class's
+    cfg = parse_config(Verb, ["--temperature", "0.2"])
+    assert cfg.sampling.temperature == 0.2 and parse_config(Verb, []).sampling.temperature == 0.7
+    with pytest.raises(SystemExit):
+        parse_config(Verb, ["--dtype", "int3"])

@@ -7,10 +7,11 @@ Unknown keys are errors, in YAML as on the command line. `to_dict`/`save_config`
 that every run writes beside its outputs.
 
 Field metadata understood here (set with `opt(...)`):
-  help        text for --help (the default is appended)
-  flag        extra short flag, e.g. "--max-steps"
+  help        text for --help (the default is appended: the value a bare `Config()` holds, so a section
+              embedded with its own defaults, `opt(default_factory=lambda: Section(x=...))`, shows those)
+  flag        extra short flag, e.g. "--max-steps" (how a nested section's field keeps a flat flag)
   positional  the field is a positional argument
-  choices     allowed values
+  choices     allowed values (listed in --help as {a,b,c})
   preset_for  this str field names a preset applied to the sibling section it names; `presets` holds them
 """
 
@@ -154,6 +155,12 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
+def _get_dotted(obj: Any, key: str) -> Any:
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +169,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     # sections filled by a preset show that, not the dataclass default the preset replaces
     preset_sections = {(k.rsplit(".", 1)[0] + "." if "." in k else "") + f.metadata["preset_for"]: f"--{k}"
                        for k, f, _ in _walk(cls) if (f.metadata or {}).get("preset_for")}
+    defaults = cls()  # a section's defaults are the embedding field's, not the section class's
     for key, f, tp in _walk(cls):
         section = key.rsplit(".", 1)[0] if "." in key else ""
         group = parser
@@ -169,7 +177,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
             group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
         meta = f.metadata or {}
         inner, _ = _unwrap(tp)
-        default = _default_of(f)
+        default = _get_dotted(defaults, key)
         help_text = (meta.get("help") or "").replace("%", "%%")
         section_key = key.rsplit(".", 1)[0] if "." in key else ""
         if section_key in preset_sections:
@@ -193,7 +201,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         elif typing.get_origin(inner) is list:
             kwargs["action"] = "append"
             kwargs["metavar"] = "VALUE"
-        else:
+        elif not meta.get("choices"):  # with choices, argparse shows them: {a,b,c}
             kwargs["metavar"] = getattr(inner, "__name__", "VALUE").upper() if inner in (int, float) else "VALUE"
         group.add_argument(*names, **kwargs)
         if hidden and hidden not in names:

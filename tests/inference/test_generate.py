@@ -1,10 +1,12 @@
 """Text over the engine: stop strings cut across token boundaries, EOS text dropped, the generate verb."""
 
+import io
+
 import pytest
 
 from lmforge.cli import main
 from lmforge.inference.engine import Engine, TokenEvent
-from lmforge.inference.generate import TextAssembler, chat_ids, stream_text
+from lmforge.inference.generate import TextAssembler, chat_ids, read_prompt, stream_text
 from lmforge.inference.load import load
 from lmforge.inference.sampling import SamplingParams
 from tests.inference.tiny import make_model_dir
@@ -86,3 +88,26 @@ def test_generate_verb_streams_to_stdout(lm, capsys):
     assert "tokens/s" in printed.err
     assert main(["generate", "--model", str(lm.path.parent / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_prompt_from_stdin_drops_the_shells_newline(lm, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("The quick\n"))  # as `echo "The quick" | lmforge generate` sends it
+    assert main(["generate", "--model", str(lm.path), "--prompt", "-", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr()
+    ids = lm.tokenizer.encode("The quick")
+    assert f"[{len(ids)} prompt tokens," in printed.err
+    out = Engine(lm.model, eos_ids=lm.eos_ids).generate([ids], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert printed.out == lm.tokenizer.decode([i for i in out if i not in lm.eos_ids]) + "\n"
+    for sent, prompt in [("a\r\n", "a"), ("a\n\n", "a\n"), ("a", "a"), ("", "")]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(sent))
+        assert read_prompt("-") == prompt
+    assert read_prompt("b\n") == "b\n"  # a prompt given as text is taken as it is
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat", "serve"])
+def test_help_lists_dtype_and_quantize_choices(verb, capsys):
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert "--dtype {float32,bfloat16,float16}" in out and "--quantize {int8}" in out

@@ -26,6 +26,7 @@ def test_chat_repl_cites_sources(rag_setup, capsys):
     from lmforge.checkpoint import load_model, load_tokenizer
     from lmforge.inference.chat import ChatConfig, repl
     from lmforge.inference.engine import Engine
+    from lmforge.inference.sampling import SamplingOptions
     from lmforge.rag.chat import make_augment
 
     model_dir, index_dir = rag_setup
@@ -38,13 +39,25 @@ def test_chat_repl_cites_sources(rag_setup, capsys):
         seen.append(out[-1]["content"])
         return out, sources
 
-    cfg = ChatConfig(model=str(model_dir), temperature=0, max_new_tokens=4, stats=False)
+    cfg = ChatConfig(model=str(model_dir), sampling=SamplingOptions(temperature=0), max_new_tokens=4, stats=False)
     with Engine(load_model(model_dir), max_batch=1) as engine:
         repl(engine, tok, cfg, stdin=io.StringIO("Which rocket carried astronauts to the Moon?\n"),
              stdout=io.StringIO(), augment=spy)
     assert "Saturn V" in seen[0] and "Question: Which rocket" in seen[0]
     err = capsys.readouterr().err
     assert "sources:" in err and "rockets.txt" in err
+
+
+def test_chat_verb_rag_top_k_is_retrievals_own(rag_setup, monkeypatch, capsys):
+    from lmforge.cli import main
+
+    model_dir, index_dir = rag_setup
+    monkeypatch.setattr("sys.stdin", io.StringIO("Which rocket carried astronauts to the Moon?\n"))
+    assert main(["chat", "--model", str(model_dir), "--rag", str(index_dir), "--rag-top-k", "1", "--top-k", "3",
+                 "--temperature", "0", "--max-new-tokens", "2", "--no-stats"]) == 0
+    err = capsys.readouterr().err
+    cited = [line for line in err.splitlines() if line.startswith("  [")]
+    assert len(cited) == 1 and "rockets.txt" in cited[0]  # one chunk, as --rag-top-k asked; --top-k is sampling's
 
 
 def test_serve_returns_sources(rag_setup):

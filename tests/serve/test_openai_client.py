@@ -8,6 +8,12 @@ import httpx
 import openai
 import pytest
 
+from lmforge.cli import main
+from lmforge.inference.engine import Engine
+from lmforge.inference.generate import chat_ids
+from lmforge.inference.load import load
+from lmforge.inference.sampling import SamplingParams
+
 KEY = {"Authorization": "Bearer sk-test"}
 GREEDY = dict(temperature=0, seed=0)
 
@@ -65,11 +71,20 @@ def test_completion_n2_stop_and_logprobs(client):
     assert parts[0] == text and parts[1] == text  # same seed+greedy: both choices greedy
 
 
-def test_adapter_is_its_own_model(client):
+def test_adapter_is_its_own_model(client, model_dirs, tmp_path):
     msgs = [{"role": "user", "content": "Hello"}]
     a = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, **GREEDY)
     b = client.chat.completions.create(model="tiny-sql", messages=msgs, max_tokens=12, **GREEDY)
     assert a.choices[0].message.content != b.choices[0].message.content
+    # the served adapter answers exactly as the model `lmforge merge` makes of it (adapter folded into the base)
+    _, adapter = model_dirs
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = load(tmp_path / "merged")
+    ids = chat_ids(merged.tokenizer, msgs)
+    out = Engine(merged.model, eos_ids=merged.eos_ids).generate([ids], SamplingParams(temperature=0.0,
+                                                                                      max_tokens=12))[0]
+    assert b.choices[0].message.content == merged.tokenizer.decode([i for i in out if i not in merged.eos_ids])
+    assert b.usage.prompt_tokens == len(ids) and b.usage.completion_tokens == len(out)
 
 
 def test_errors_have_openai_shape(live, client):

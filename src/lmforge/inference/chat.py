@@ -20,6 +20,7 @@ from typing import TextIO
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import chat_ids, need_tokenizer, stream_text
+from lmforge.inference.sampling import SamplingOptions
 
 HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply)"
 
@@ -29,11 +30,7 @@ class ChatConfig:
     model: str = opt("", "model directory (Hugging Face layout, with a chat template)")
     system: str = opt("", "system prompt")
     max_new_tokens: int = opt(512, "most tokens per reply")
-    temperature: float = opt(0.7, "sampling temperature; 0 = greedy")
-    top_p: float = opt(0.95, "nucleus sampling mass (1 = off)")
-    top_k: int = opt(0, "keep only the k most likely tokens (0 = off)")
-    repetition_penalty: float = opt(1.0, "CTRL-style repetition penalty (1 = off)")
-    seed: int | None = opt(None, "random seed for sampling")
+    sampling: SamplingOptions = opt(default_factory=lambda: SamplingOptions(temperature=0.7))
     quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
     dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     stats: bool = opt(True, "print tokens/s after each reply (to stderr)")
@@ -60,8 +57,6 @@ def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout
 
     augment: retrieval for the newest user turn; the history keeps the user's own words, not the sources.
     """
-    from lmforge.inference.sampling import SamplingParams
-
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
     interactive = stdin.isatty()
@@ -101,10 +96,7 @@ def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout
             print(f"[message too long for the {engine.max_len}-token context]", file=sys.stderr)
             turns.pop()
             continue
-        params = SamplingParams(max_tokens=min(cfg.max_new_tokens, engine.max_len - len(ids)),
-                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
-        gen = engine.submit(ids, params)
+        gen = engine.submit(ids, cfg.sampling.params(min(cfg.max_new_tokens, engine.max_len - len(ids))))
         reply, n, t0 = [], 0, time.perf_counter()
         try:
             for d in stream_text(gen, tokenizer):

@@ -103,6 +103,11 @@ class Generation:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end this generation (EOS unless ignore_eos, plus its stop_token_ids); read-only."""
+        return self._stop_ids
+
     def cancel(self) -> None:
         self.engine.cancel(self)
 

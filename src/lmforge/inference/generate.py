@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Generation, TokenEvent
+from lmforge.inference.sampling import SamplingOptions
 
 
 @dataclass
@@ -88,7 +89,7 @@ class TextAssembler:
 
 def stream_text(gen: Generation, tokenizer, stop: Sequence[str] = ()) -> Iterator[TextDelta]:
     """Text deltas of a submitted generation (blocking iterator). The last delta has finish_reason set."""
-    asm = TextAssembler(tokenizer, stop, gen._stop_ids)
+    asm = TextAssembler(tokenizer, stop, gen.stop_ids)
     try:
         for ev in gen:
             d = asm.feed(ev)
@@ -103,7 +104,7 @@ def stream_text(gen: Generation, tokenizer, stop: Sequence[str] = ()) -> Iterato
 
 async def astream_text(gen: Generation, tokenizer, stop: Sequence[str] = ()) -> AsyncIterator[TextDelta]:
     """stream_text for asyncio consumers (the server)."""
-    asm = TextAssembler(tokenizer, stop, gen._stop_ids)
+    asm = TextAssembler(tokenizer, stop, gen.stop_ids)
     try:
         async for ev in gen:
             d = asm.feed(ev)
@@ -138,14 +139,9 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 @dataclass
 class GenerateConfig:
     model: str = opt("", "model directory (Hugging Face layout, as lmforge writes it)")
-    prompt: str = opt("", "prompt text; '-' reads it from stdin")
+    prompt: str = opt("", "prompt text; '-' reads it from stdin (one trailing newline dropped)")
     max_new_tokens: int = opt(128, "most tokens to generate")
-    temperature: float = opt(0.8, "sampling temperature; 0 = greedy")
-    top_k: int = opt(0, "keep only the k most likely tokens (0 = off)")
-    top_p: float = opt(0.95, "nucleus sampling mass (1 = off)")
-    min_p: float = opt(0.0, "drop tokens below min_p x the top probability (0 = off)")
-    repetition_penalty: float = opt(1.0, "CTRL-style repetition penalty (1 = off)")
-    seed: int | None = opt(None, "random seed for sampling (none = fresh each run)")
+    sampling: SamplingOptions = opt(default_factory=SamplingOptions)
     chat: bool = opt(False, "wrap the prompt as a user message in the model's chat template")
     system: str = opt("", "system prompt (with --chat)")
     stop: list[str] = opt(help="stop string (repeatable); never printed", default_factory=list)
@@ -155,16 +151,24 @@ class GenerateConfig:
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
 
 
+def read_prompt(prompt: str) -> str:
+    """The prompt as given, or stdin's text for '-' without the one newline that ends what a shell sends
+    (`echo ... |`, a heredoc): it would be one more token and change the answer."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read()
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
 def run(cfg: GenerateConfig) -> int:
     import torch
 
     from lmforge.inference.engine import Engine
     from lmforge.inference.load import load
-    from lmforge.inference.sampling import SamplingParams
 
     if not cfg.model:
         raise LmforgeError("--model DIR is required (a model directory)")
-    prompt = sys.stdin.read() if cfg.prompt == "-" else cfg.prompt
+    prompt = read_prompt(cfg.prompt)
     if not prompt and not cfg.chat:
         raise LmforgeError("--prompt TEXT is required ('-' reads stdin)")
     if cfg.threads > 0:
@@ -176,9 +180,7 @@ def run(cfg: GenerateConfig) -> int:
         ids = chat_ids(tok, messages + [{"role": "user", "content": prompt}])
     else:
         ids = completion_ids(tok, prompt)
-    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
-                            seed=cfg.seed)
+    params = cfg.sampling.params(cfg.max_new_tokens)
     engine = Engine(lm.model, max_batch=1, eos_ids=lm.eos_ids, compile=cfg.compile)
     gen = engine.submit(ids, params)
     engine.start()

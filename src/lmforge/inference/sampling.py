@@ -1,6 +1,8 @@
 """Per-request sampling: parameters, logits processors and the draw, as pure functions over a batch of rows.
 
-Owns: `SamplingParams` (what one request asks for, validated), the logits processors (repetition /
+Owns: `SamplingParams` (what one request asks for, validated), `SamplingOptions` (the same choices as the
+`sampling` config section that `generate` and `chat` embed, with flat flags: --temperature, --top-k, --top-p,
+--min-p, --repetition-penalty, --seed; each verb sets its own defaults), the logits processors (repetition /
 presence / frequency penalties, temperature, top-k, top-p, min-p), the draw with a per-request random
 stream, and log-probabilities. Leaves to others: stop *strings* (text level, generate.py), when a
 sequence ends (engine.py), and HTTP parameter names (serve/schemas.py).
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
 
@@ -78,6 +81,23 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class SamplingOptions:
+    """How a command-line verb samples (its `sampling` section). `params()` gives the engine's SamplingParams."""
+
+    temperature: float = opt(0.8, "sampling temperature; 0 = greedy", flag="--temperature")
+    top_k: int = opt(0, "keep only the k most likely tokens (0 = off)", flag="--top-k")
+    top_p: float = opt(0.95, "nucleus sampling mass (1 = off)", flag="--top-p")
+    min_p: float = opt(0.0, "drop tokens below min_p x the top probability (0 = off)", flag="--min-p")
+    repetition_penalty: float = opt(1.0, "CTRL-style repetition penalty (1 = off)", flag="--repetition-penalty")
+    seed: int | None = opt(None, "random seed for sampling (none = fresh each run)", flag="--seed")
+
+    def params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed)
 
 
 class PenaltyState:

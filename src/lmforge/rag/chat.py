@@ -17,7 +17,8 @@ from lmforge.inference.chat import run as run_chat
 @dataclass
 class RagChatConfig(ChatConfig):
     rag: str | None = opt(None, "RAG index directory (from `lmforge rag index`): answers cite retrieved sources")
-    top_k: int = opt(4, "chunks retrieved per question (with --rag)")
+    # not `top_k`: that name is the sampling section's --top-k (a RAG field of that name once shadowed it)
+    rag_top_k: int = opt(4, "chunks retrieved per question (with --rag)")
 
 
 def make_augment(index_dir: str, tokenizer, top_k: int):
@@ -40,5 +41,5 @@ def run(cfg: RagChatConfig) -> int:
     if cfg.rag:
         from lmforge.tokenizer import Tokenizer
 
-        augment = make_augment(cfg.rag, Tokenizer.load(cfg.model), cfg.top_k)
+        augment = make_augment(cfg.rag, Tokenizer.load(cfg.model), cfg.rag_top_k)
     return run_chat(cfg, augment=augment)

@@ -65,7 +65,8 @@ class _Sampling(BaseModel):
 
     def sampling(self, max_tokens: int, logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
         """The engine's parameters for this request (OpenAI's defaults: temperature 1, top_p 1; top_k -1 = off).
-        The ranges were checked above; the engine's own validation (at submit) is the one that counts."""
+        Not validated here: the fields above hold OpenAI's ranges, and SamplingParams.validate runs once, in
+        Engine.submit (stop_token_ids against the vocabulary too), its error a 400 (reply.submit)."""
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
