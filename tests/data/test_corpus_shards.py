@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data import corpus
+from lmforge.data import IGNORE_INDEX, corpus
 from lmforge.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -16,6 +16,7 @@ from lmforge.data.shards import (
     TokenShards,
     dtype_for_vocab,
     read_manifest,
+    validation_batches,
 )
 from lmforge.errors import LmforgeError
 
@@ -117,6 +118,24 @@ def test_loader_order_resume_and_rank_slices(tmp_path):
         TokenLoader(s, seq_len=8, batch_size=4, seed=5).load_state_dict(one.state_dict())
     with pytest.raises(LmforgeError, match="fewer than"):
         TokenLoader(TokenShards(tmp_path, "val"), seq_len=100, batch_size=1)
+
+
+def test_validation_batches_in_order_and_shared_by_ranks(tmp_path):
+    _prepared(tmp_path)
+    val = TokenShards(tmp_path, "val")  # 100 tokens: 6 windows of 16 (+1)
+    one = list(validation_batches(val, seq_len=16, batch_size=4, eval_tokens=80))  # 5 windows
+    assert [x.shape[0] for x, _ in one] == [4, 1]
+    x = torch.cat([x for x, _ in one])
+    assert [int(r[0]) for r in x] == [0, 16, 32, 48, 64]  # the first windows, in order, every run the same
+    assert all((xb[:, 1:] == yb[:, :-1]).all() for xb, yb in one)  # targets are the inputs shifted by one
+    # two ranks: the same windows between them, the same number of batches each, the short rank's extra row ignored
+    r0, r1 = (list(validation_batches(val, 16, 2, 80, rank=r, world_size=2)) for r in (0, 1))
+    assert len(r0) == len(r1) == 2
+    starts = [int(row[0]) for x, y in r0 + r1 for row, t in zip(x, y) if (t != IGNORE_INDEX).any()]
+    assert sorted(starts) == [0, 16, 32, 48, 64]
+    assert (r1[-1][1][-1] == IGNORE_INDEX).all()
+    # a split shorter than seq_len gives one shorter window
+    assert list(validation_batches(val, seq_len=500, batch_size=2, eval_tokens=10**6))[0][0].shape == (1, 99)
 
 
 def test_missing_or_damaged_data_dirs(tmp_path):

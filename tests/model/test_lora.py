@@ -16,6 +16,7 @@ from lmforge.model.lora import (
     lora_settings,
     lora_state_dict,
     merge_lora,
+    split_targets,
     trainable_parameters,
 )
 from lmforge.model.transformer import Transformer
@@ -80,6 +81,11 @@ def test_only_adapter_weights_train():
     s = lora_settings(model)
     assert s["targets"] == ["q_proj", "v_proj"] and s["rank"] == 2 and s["dropout"] == 0.1
     assert set(lora_state_dict(model)) == {k for k in after if ".lora_" in k}
+
+
+def test_targets_as_the_command_line_gives_them():
+    assert split_targets(["q,v", " o ", "gate,,up"]) == ["q", "v", "o", "gate", "up"]
+    assert split_targets(["q_proj"]) == ["q_proj"] and split_targets([]) == []
 
 
 def test_bad_targets_and_rank_are_clear_errors():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.data import IGNORE_INDEX
 from lmforge.model.accounting import flops_per_token_train
 from lmforge.model.config import preset
 from lmforge.model.transformer import Transformer
@@ -14,7 +15,6 @@ from lmforge.training.evaluate import bits_per_byte, evaluate, sample
 from lmforge.training.monitor import Throughput, fastest_thread_count, measure_peak_flops
 from lmforge.training.precision import resolve_dtype
 from lmforge.training.state import rng_state, seed_everything, set_rng_state
-from lmforge.training.step import IGNORE_INDEX
 
 
 def test_throughput_and_mfu():

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.data import IGNORE_INDEX
 from lmforge.model.config import preset
 from lmforge.model.transformer import Transformer
 from lmforge.training.optim import build_optimizer, param_groups
 from lmforge.training.schedule import lr_at, step_progress
 from lmforge.training.step import (
-    IGNORE_INDEX,
     clip_grad_norm,
     count_targets,
     cross_entropy_sum,

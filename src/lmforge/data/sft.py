@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import chat
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 SFT_FORMATS = ("auto", "messages", "alpaca", "sharegpt", "prompt_completion")
-IGNORE_INDEX = -100  # the target id cross-entropy skips (torch's default; training/step.py uses the same)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
                    "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}

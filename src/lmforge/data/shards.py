@@ -1,4 +1,4 @@
-"""Token shards on disk, their manifest, and the resumable loader that batches them.
+"""Token shards on disk, their manifest, the resumable loader that batches them, and the validation windows.
 
 Format (a prepared data directory, written by pretrain/prepare.py):
   manifest.json          format version, dtype, vocab size, eos id, tokenizer hash, sources, per-split token
@@ -13,6 +13,9 @@ order that is reshuffled each epoch. Its whole position is one integer, the numb
 globally, so resuming is exact and a run under N data-parallel ranks reads, in each micro-step, the same
 windows that one process with an N-times larger batch would (rank r takes the r-th slice of the global
 batch). Documents are not masked from each other inside a window (as in GPT-2/nanoGPT): EOS marks the seam.
+
+Validation (`validation_batches`) reads the first windows of a split in order, never shuffled, so every
+evaluation of every run on the same data scores the same tokens (pretrain and cpt both use it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.data import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 
 MANIFEST = "manifest.json"
@@ -197,3 +201,25 @@ class TokenLoader:
                                f"seed={state.get('seed')}; this run has seq_len={self.seq_len}, seed={self.seed}. "
                                "Use the same values to resume, or start a new run directory")
         self.consumed = int(state["consumed"])
+
+
+def validation_batches(shards: TokenShards, seq_len: int, batch_size: int, eval_tokens: int, rank: int = 0,
+                       world_size: int = 1):
+    """This rank's share of the first eval_tokens of `shards` as (inputs, targets) int64 batches [<=batch_size, T].
+
+    Windows of seq_len + 1 tokens (shorter when the split is) are dealt round-robin to ranks. Every rank yields the
+    same number of batches (an FSDP forward is collective): a rank short of a window repeats one with every target
+    set to IGNORE_INDEX, so it adds nothing to the loss.
+    """
+    import torch
+
+    seq = min(seq_len, len(shards) - 1)
+    n = min((len(shards) - 1) // seq, max(1, eval_tokens // seq))
+    per_rank = -(-n // world_size)
+    mine = [rank + i * world_size for i in range(per_rank)]
+    for i in range(0, per_rank, batch_size):
+        ws = mine[i:i + batch_size]
+        batch = torch.from_numpy(np.stack([shards.read(w % n * seq, w % n * seq + seq + 1) for w in ws]))
+        x, y = batch[:, :-1], batch[:, 1:].clone()
+        y[torch.tensor([w >= n for w in ws])] = IGNORE_INDEX
+        yield x, y

@@ -15,7 +15,8 @@ What lives here, and what does not:
   `checkpoint.load_adapter(model, adapter_dir)`, then either run it as is or `merge_lora(model)` for plain speed.
 
 Targets are short names (q, k, v, o, gate, up, down) or the module names themselves (q_proj, ...); the default is
-every attention and MLP projection, as QLoRA recommends. The embeddings and lm_head are never wrapped.
+every attention and MLP projection, as QLoRA recommends. `split_targets` reads them as a command line gives them
+(repeated flags, comma-separated lists). The embeddings and lm_head are never wrapped.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha:g}")
+
+
+def split_targets(values: Iterable[str]) -> list[str]:
+    """Target names as given on the command line: repeated values and comma-separated lists ("q,v"), in order."""
+    return [t.strip() for value in values for t in str(value).split(",") if t.strip()]
 
 
 def resolve_targets(targets: Iterable[str]) -> list[str]:

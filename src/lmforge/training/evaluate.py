@@ -16,7 +16,8 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from lmforge.training.step import IGNORE_INDEX, cross_entropy_sum
+from lmforge.data import IGNORE_INDEX
+from lmforge.training.step import cross_entropy_sum
 
 if TYPE_CHECKING:
     import torch

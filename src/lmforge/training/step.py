@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lmforge.data import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
-
-IGNORE_INDEX = -100
 DEFAULT_CHUNK = 512  # tokens per chunk of the fused loss: [512, V] fp32 log-probs at a time (fastest on CPU)
 
 
