@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -299,31 +298,13 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | N
     return out
 
 
-# ---- runs -----------------------------------------------------------------------------------------------
+# ---- what a directory holds (run directories are training/rundir.py's) ------------------------------------
 def is_complete(path: str | Path) -> bool:
+    """The files of a model directory are there: config.json, lmforge.json and the weights (whole, as writes are
+    atomic; whether they load is load_model's question)."""
     p = Path(path)
     return all((p / n).is_file() for n in ("config.json", "lmforge.json")) and bool(
         (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
-
-
-def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoints/step-N in a run directory, newest first."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = re.fullmatch(r"step-(\d+)", d.name)
-            if m and d.is_dir() and is_complete(d):
-                found.append((int(m.group(1)), d))
-    return sorted(found, reverse=True)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint with trainer state, or None."""
-    for _, d in checkpoints(run_dir):
-        if (d / "trainer_state" / "state.pt").is_file():
-            return d
-    return None
 
 
 # ---- LoRA adapters as PEFT directories (appended by the finetune stage) ---------------------------------

@@ -19,3 +19,12 @@ def test_config_files_parse(name, cls):
     assert cfg.base and cfg.out
     if "lora" in name:
         assert cfg.lora.enabled and cfg.lora.rank == 16
+
+
+def test_docs_state_the_epoch_defaults_the_code_has():
+    """Issue 13: docs/finetune.md said SFT makes 1 epoch by default while SFTTrain says 3."""
+    from lmforge.finetune.dpo import DPOTrain
+    from lmforge.finetune.sft import SFTTrain
+
+    doc = " ".join((CONFIGS.parent / "docs" / "finetune.md").read_text().split())
+    assert f"(default: {SFTTrain().epochs:g} for SFT, {DPOTrain().epochs:g} for DPO)" in doc

@@ -73,3 +73,17 @@ def test_ipo_and_resume(base, prefs, tmp_path, monkeypatch):
     assert _dpo(base, prefs, b, *args, "--save-every", "3") == 0
     assert [r.get("loss") for r in _metrics(b)] == [r.get("loss") for r in _metrics(a)]
     assert [r.get("val_loss") for r in _metrics(b)] == [r.get("val_loss") for r in _metrics(a)]
+
+
+def test_small_file_gets_a_held_out_score_before_training(base, prefs, tmp_path, capsys):
+    """Issue 13: with fewer than 20 pairs nothing was held out and "before training:" was an empty line."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(prefs.read_text().splitlines(keepends=True)[:10]))
+    capsys.readouterr()
+    assert _dpo(base, small, tmp_path / "d", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert "9 train / 1 held-out pairs" in err and "before training: val_loss" in err
+    assert _dpo(base, small, tmp_path / "e", "--max-steps", "1", "--val-fraction", "0") == 0
+    before = [line for line in capsys.readouterr().err.splitlines() if line.startswith("before training:")]
+    assert before == ["before training: nothing held out to score (give --val-data FILE, or a --val-fraction "
+                      "above 0 with 2 or more records)"]

@@ -5,19 +5,24 @@ import math
 import pytest
 import torch
 
+from lmforge.data import IGNORE_INDEX
 from lmforge.errors import LmforgeError
-from lmforge.finetune.losses import dpo_loss, masked_nll_sum, preference_stats, sequence_logps, token_logps
+from lmforge.finetune.losses import dpo_loss, preference_stats, sequence_logps, token_logps
+from lmforge.training.step import count_targets, cross_entropy_sum
 
 
-def test_token_logps_and_masked_nll_by_hand():
+def test_token_logps_and_sft_masked_nll_by_hand():
     # vocabulary of 2; logits (0, log 3) -> p = (1/4, 3/4)
     logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)], [0.0, 0.0]]])
     targets = torch.tensor([[0, 1, -100]])
     lp = token_logps(logits, targets)
     assert torch.allclose(lp[0, :2], torch.tensor([math.log(1 / 4), math.log(3 / 4)]))
-    total, n = masked_nll_sum(logits, targets, torch.tensor([[True, True, False]]))
+    # SFT's objective: the summed cross-entropy over targets that are not IGNORE_INDEX (training/step.py), and
+    # the count of those targets that the step's scale divides by
+    total, n = cross_entropy_sum(logits, targets), count_targets(targets)
     assert n == 2 and math.isclose(total.item(), math.log(4) + math.log(4 / 3), rel_tol=1e-6)
-    total, n = masked_nll_sum(logits, targets, torch.tensor([[False, True, False]]))
+    masked = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
+    total, n = cross_entropy_sum(logits, masked), count_targets(masked)
     assert n == 1 and math.isclose(total.item(), math.log(4 / 3), rel_tol=1e-6)
 
 

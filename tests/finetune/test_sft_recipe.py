@@ -127,3 +127,17 @@ def test_builtin_data_and_errors(base, data, tmp_path, capsys):
     assert json.loads((tmp_path / "y" / "summary.json").read_text())["data"]["skipped_bad"] == 1
     assert _sft(tmp_path / "lora-missing", data, tmp_path / "z", "--max-steps", "1") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_val_fraction_holds_out_from_a_small_file(base, data, tmp_path, capsys):
+    """Issue 13: below 20 records --val-fraction was silently ignored; now at least one record is held out."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(data.read_text().splitlines(keepends=True)[:10]))
+    capsys.readouterr()
+    assert _sft(base, small, tmp_path / "s", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert "10 records -> 9 train / 1 validation examples" in err
+    res = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert res["data"]["validation_examples"] == 1 and res["results"]["val_loss_base"] > 0
+    assert _sft(base, small, tmp_path / "t", "--max-steps", "1", "--val-fraction", "0.3") == 0
+    assert "10 records -> 7 train / 3 validation examples" in capsys.readouterr().err

@@ -14,8 +14,8 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.errors import LmforgeError
 from lmforge.pretrain.train import run
+from lmforge.training import rundir
 from lmforge.training.metrics import read_metrics
-from lmforge.training.state import resume_point
 
 from .conftest import tiny_config
 
@@ -51,7 +51,7 @@ def test_run_directory(uninterrupted):
     report = (out / "report.md").read_text()
     assert "## Compute" in report and "final val loss" in report and "![loss](loss.png)" in report
     # two step checkpoints kept (save_every 6 -> step-6; step 12 is final/)
-    assert [d.name for _, d in ckpt.checkpoints(out)] == ["step-6"]
+    assert [d.name for _, d in rundir.checkpoints(out)] == ["step-6"]
     model = ckpt.load_model(out / "final")
     assert model.cfg.vocab_size == 512
 
@@ -59,7 +59,7 @@ def test_run_directory(uninterrupted):
 def test_resume_equals_uninterrupted(prepared, uninterrupted, tmp_path, capsys):
     out = tmp_path / "resumed"
     assert run(tiny_config(prepared, out), on_step=lambda step, rec: step == 4) == 130
-    assert resume_point(out).name == "step-4"
+    assert rundir.resume_candidates(out)[0].name == "step-4"
     capsys.readouterr()
     assert run(tiny_config(prepared, out)) == 0  # the same command again
     assert "resuming from step 4" in capsys.readouterr().err
@@ -82,7 +82,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(prepared, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     assert run(tiny_config(prepared, out), on_step=press_ctrl_c) == 130
-    assert resume_point(out).name == "step-3"
+    assert rundir.resume_candidates(out)[0].name == "step-3"
     assert "interrupted" in json.loads((out / "summary.json").read_text())["status"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
@@ -132,17 +132,17 @@ def test_sigkill_never_leaves_a_valid_looking_broken_checkpoint(prepared, tmp_pa
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while time.time() < deadline and len(ckpt.checkpoints(out)) < 3:
+    while time.time() < deadline and len(rundir.checkpoints(out)) < 3:
         time.sleep(0.05)
     time.sleep(0.137)  # somewhere inside a later save, most likely
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    found = ckpt.checkpoints(out)
+    found = rundir.checkpoints(out)
     assert found, proc.stderr.read().decode()[-2000:]
     for _, d in found:  # whatever looks complete must load completely
         ckpt.load_model(d)
         assert ckpt.load_trainer_state(d)["step"] == int(d.name.split("-")[1])
-    newest = resume_point(out)
+    newest = rundir.resume_candidates(out)[0]
     assert newest is not None
     step = int(newest.name.split("-")[1])
     assert run(tiny_config(prepared, out, max_steps=step + 1, batch_size=2, eval_every=0, save_every=1)) == 0

@@ -23,6 +23,8 @@ from lmforge.config import opt
 from lmforge.errors import LmforgeError
 from lmforge.finetune import runs
 from lmforge.finetune.weights import LoraOptions, load_base, save_final
+from lmforge.training import rundir
+from lmforge.training.budget import Budget
 from lmforge.training.config import TrainConfig
 
 
@@ -58,22 +60,9 @@ def check_tokenizer(base_tok: Any, data_dir: Path) -> None:
                            f"with the base's tokenizer: lmforge prepare --corpus ... --tokenizer BASE_DIR --out {data_dir}")
 
 
-def val_batches(shards: Any, seq_len: int, batch_size: int, eval_tokens: int):
-    """The first eval_tokens of the validation split as (inputs, targets) batches of seq_len windows."""
-    import numpy as np
-    import torch
-
-    seq = min(seq_len, len(shards) - 1)
-    n = min((len(shards) - 1) // seq, max(1, eval_tokens // seq))
-    for i in range(0, n, batch_size):
-        rows = np.stack([shards.read(w * seq, w * seq + seq + 1) for w in range(i, min(n, i + batch_size))])
-        batch = torch.from_numpy(rows)
-        yield batch[:, :-1], batch[:, 1:]
-
-
 def run(cfg: CPTConfig) -> int:
 
-    from lmforge.data.shards import TokenLoader, TokenShards
+    from lmforge.data.shards import TokenLoader, TokenShards, validation_batches
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.training import precision
     from lmforge.training.evaluate import evaluate
@@ -81,7 +70,8 @@ def run(cfg: CPTConfig) -> int:
     from lmforge.training.monitor import Throughput, measure_peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
-    from lmforge.training.schedule import lr_at, set_lr, step_progress, total_steps
+    from lmforge.training.schedule import lr_at, set_lr
+    from lmforge.training.state import restore
     from lmforge.training.step import clip_grad_norm, count_targets, lm_loss_sum, loss_scale
     from lmforge.training.stop import StopRequest
 
@@ -96,10 +86,10 @@ def run(cfg: CPTConfig) -> int:
     opened = runs.open_run(cfg, cfg.lora.enabled)
     if opened is None:
         return 0
-    rt, run_dir, resume_from = opened
+    rt, run_dir, kind, resumed = opened
 
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     adapter_dir=resume_from if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None)
     model, tok = base.model, base.tokenizer
     check_tokenizer(tok, Path(cfg.data))
     if t.seq_len > model.cfg.max_seq_len:
@@ -114,45 +104,41 @@ def run(cfg: CPTConfig) -> int:
     model.activation_checkpointing = t.activation_checkpointing
     loader = TokenLoader(train_data, t.seq_len, t.batch_size, t.seed)
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-    horizon = total_steps(t.max_steps, t.max_tokens, tokens_per_step)
-    if horizon is None and not t.max_time:
-        raise LmforgeError("give a budget: --max-steps, --max-tokens or --max-time")
+    budget = Budget.resolve(t, tokens_per_step=tokens_per_step)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
 
     def validate() -> dict:
-        return evaluate(model, val_batches(val_data, t.seq_len, t.batch_size, t.eval_tokens), autocast_ctx,
+        return evaluate(model, validation_batches(val_data, t.seq_len, t.batch_size, t.eval_tokens), autocast_ctx,
                         val_data.tokens_per_byte)
 
     step, tokens, seconds = 0, 0, 0.0
-    if resume_from is not None:
-        from lmforge import checkpoint
-
+    if resumed is not None:
         if not base.lora:
-            model.load_state_dict(checkpoint.load_model(resume_from).state_dict())
-        st = checkpoint.load_trainer_state(resume_from)
-        runs.restore(model, optimizer, st)
+            model.load_state_dict(resumed.weights)
+        st = resumed.state
+        restore(model, optimizer, st)
         loader.load_state_dict(st["loader"])
         step, tokens, seconds, before = st["step"], st["tokens"], st["seconds"], st["before"]
-        runs.log(f"resumed from {resume_from} at step {step}")
     else:
         before = validate()
         runs.log(f"before training: domain val loss {before['loss']:.4f} (ppl {before['ppl']:.1f})")
     lineage = {"stage": "cpt", "base_model": str(base.path), "base_lineage": base.lineage, "data": str(cfg.data),
                "method": "lora" if base.lora else "full"}
 
-    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None,
+    metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
     flops_tok = flops_per_token_train(model.cfg, t.seq_len) * (2 / 3 if base.lora else 1.0)
     monitor = Throughput(flops_tok, peak)
-    bar = ProgressBar(horizon or t.max_time, "steps" if horizon else "s", start=step if horizon else seconds)
+    bar = ProgressBar(budget.total, budget.unit, start=budget.position(step, tokens, seconds))
 
-    def trainer_state() -> dict:
-        """What a checkpoint needs to resume this run exactly."""
-        return {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+    def save(out: Path) -> Path:
+        """A checkpoint that resumes this run exactly."""
+        st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+        return runs.save_resumable(base, model, optimizer, rt, out, st, lineage)
 
     def done() -> bool:
-        return bool((horizon is not None and step >= horizon) or (t.max_time and seconds >= t.max_time))
+        return budget.done(step, tokens, seconds)
 
     model.train()
     last: dict = {}
@@ -160,7 +146,7 @@ def run(cfg: CPTConfig) -> int:
     with StopRequest(runs.log) as stop:
         while not done() and not stop.requested:
             t0 = time.perf_counter()
-            progress = step_progress(step, horizon, t.warmup_steps) if horizon else seconds / t.max_time
+            progress = budget.progress(step, tokens, seconds)
             lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
             set_lr(optimizer, lr)
             batches = [loader.next_batch() for _ in range(t.grad_accum)]
@@ -191,16 +177,14 @@ def run(cfg: CPTConfig) -> int:
             if record:
                 metrics.write(record)
                 line = runs.record_line(record, ("step", "loss", "val_loss", "lr", "tokens_per_s"))
-                bar.update(step if horizon else seconds, last.get("loss"), last.get("tokens_per_s"), line=line)
+                bar.update(budget.position(step, tokens, seconds), last.get("loss"), last.get("tokens_per_s"),
+                           line=line)
             if t.save_every and step % t.save_every == 0 and not done():
-                runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
+                rundir.save_step(run_dir, step, save, t.keep_last, kind)
     bar.close()
     metrics.close()
     if stop.requested:
-        if step:
-            where = runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
-            runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
-        return 130
+        return rundir.interrupted(run_dir, step, save, t.keep_last, kind, runs.log)
 
     lineage.update(steps=step, tokens=tokens, seconds=round(seconds, 1))
     written = save_final(base, model, run_dir, lineage, merge=cfg.lora.merge)

@@ -25,10 +25,13 @@ from typing import Any
 from lmforge.config import opt
 from lmforge.data.preference import Pair, load_preferences, pair_examples
 from lmforge.data.sft import ExampleLoader, collate
+from lmforge.data.split import holdout_split
 from lmforge.errors import LmforgeError
 from lmforge.finetune import runs
 from lmforge.finetune.losses import DPO_LOSS_TYPES
 from lmforge.finetune.weights import LoraOptions, load_base, save_final
+from lmforge.training import rundir
+from lmforge.training.budget import Budget
 from lmforge.training.config import TrainConfig
 
 
@@ -73,7 +76,8 @@ class DPOConfig:
 
 
 def load_data(cfg: DPOConfig, tokenizer: Any, template: str, seq_len: int, run_dir: Path) -> dict:
-    mc: list[dict] = []
+    """Train/held-out preference pairs, read statistics, and (builtin) the held-out multiple-choice items."""
+    mc_items: list[dict] = []
     if cfg.data == "builtin":
         from lmforge.data import builtin_sets
 
@@ -83,25 +87,17 @@ def load_data(cfg: DPOConfig, tokenizer: Any, template: str, seq_len: int, run_d
               for i, r in enumerate(builtin_sets.preference_records("heldout")[:cfg.val_max])]
         train, stats = load_preferences("builtin", tokenizer, seq_len, template=template, records=tr)
         val, _ = load_preferences("builtin", tokenizer, seq_len, template=template, records=va)
-        mc = builtin_sets.heldout_mc()[:cfg.heldout_mc] if cfg.heldout_mc > 0 else []
+        mc_items = builtin_sets.heldout_mc()[:cfg.heldout_mc] if cfg.heldout_mc > 0 else []
         source = "builtin (stdlib docstring preferences)"
     else:
-        import random
-
         pairs, stats = load_preferences(cfg.data, tokenizer, seq_len, skip_bad=cfg.skip_bad, template=template)
         if cfg.val_data:
             train = pairs
             val, _ = load_preferences(cfg.val_data, tokenizer, seq_len, skip_bad=cfg.skip_bad, template=template)
-        elif cfg.val_fraction > 0 and len(pairs) >= 20:
-            order = list(range(len(pairs)))
-            random.Random(cfg.train.seed).shuffle(order)
-            held = set(order[:max(1, int(len(pairs) * cfg.val_fraction))])
-            train = [p for i, p in enumerate(pairs) if i not in held]
-            val = [p for i, p in enumerate(pairs) if i in held]
         else:
-            train, val = pairs, []
+            train, val = holdout_split(pairs, cfg.val_fraction, cfg.train.seed)
         source = cfg.data
-    return {"train": train, "val": val[:cfg.val_max], "stats": stats, "mc": mc, "source": source}
+    return {"train": train, "val": val[:cfg.val_max], "stats": stats, "mc_items": mc_items, "source": source}
 
 
 def visited_pairs(loader: ExampleLoader, micro_batches: int) -> set[int]:
@@ -144,7 +140,8 @@ def run(cfg: DPOConfig) -> int:
     from lmforge.training.monitor import Throughput, measure_peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
-    from lmforge.training.schedule import lr_at, set_lr, step_progress
+    from lmforge.training.schedule import lr_at, set_lr
+    from lmforge.training.state import restore
     from lmforge.training.step import clip_grad_norm
     from lmforge.training.stop import StopRequest
 
@@ -156,10 +153,10 @@ def run(cfg: DPOConfig) -> int:
     opened = runs.open_run(cfg, cfg.lora.enabled)
     if opened is None:
         return 0
-    rt, run_dir, resume_from = opened
+    rt, run_dir, kind, resumed = opened
 
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     adapter_dir=resume_from if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None)
     model, tok = base.model, base.tokenizer
     for note in base.notes:
         runs.log(f"note: {note}")
@@ -177,13 +174,13 @@ def run(cfg: DPOConfig) -> int:
 
     render = chat_renderer(tok, base.template)
     data = load_data(cfg, tok, base.template, seq_len, run_dir)
-    train, val, stats, mc = data["train"], data["val"], data["stats"], data["mc"]
+    train, val, stats, mc_items = data["train"], data["val"], data["stats"], data["mc_items"]
     runs.log(f"data: {stats.records} records -> {len(train)} train / {len(val)} held-out pairs; truncated "
              f"{stats.truncated}, dropped (a response truncated away) {stats.dropped_empty}, skipped malformed "
              f"{stats.skipped_bad}")
     pad = tok.pad_id if tok.pad_id is not None else 0
     average = cfg.loss == "ipo"
-    mc_ex = mc_examples(tok, render, mc) if mc else None
+    mc_ex = mc_examples(tok, render, mc_items) if mc_items else None
 
     def evaluate(with_mc: bool) -> dict:
         out: dict = {}
@@ -195,26 +192,20 @@ def run(cfg: DPOConfig) -> int:
                 out.update({f"val_{k}": v for k, v in preference_stats(cr, rj).items()})
                 # the model's own preference, comparable between base and tuned: log p(chosen) > log p(rejected)
                 out["val_logp_accuracy"] = float((pc > pr).double().mean())
-            if with_mc and mc:
-                acc = mc_accuracy(model, tok, render, mc, examples=mc_ex)
+            if with_mc and mc_items:
+                acc = mc_accuracy(model, tok, render, mc_items, examples=mc_ex)
                 out["mc_acc"], out["mc_acc_norm"] = acc["acc"], acc["acc_norm"]
         return out
 
     loader = ExampleLoader([max(len(p.chosen), len(p.rejected)) for p in train], seq_len, t.batch_size, False,
                            t.seed)
     steps_per_epoch = math.ceil(loader.rows_per_epoch / t.batch_size / t.grad_accum)
-    total_steps = t.max_steps
-    if total_steps is None and t.max_tokens is None and t.max_time is None:
-        total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    budget = Budget.resolve(t, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     step, tokens, seconds = 0, 0, 0.0
-    st = None
-    if resume_from is not None:
-        from lmforge import checkpoint
-
-        st = checkpoint.load_trainer_state(resume_from)
-        loader.load_state_dict(st["loader"])
-        step = st["step"]
+    if resumed is not None:
+        loader.load_state_dict(resumed.state["loader"])
+        step = resumed.step
 
     # -- the reference, computed while the weights are still the base's (a resumed full run loads its checkpoint
     #    weights only afterwards): held-out pairs always; training pairs for full finetuning, and only those the
@@ -224,7 +215,8 @@ def run(cfg: DPOConfig) -> int:
         val_ref = pair_logps(model, val, pad, average) if val else None
         train_ref = None
         if not base.lora:
-            need = visited_pairs(loader, (total_steps - step) * t.grad_accum) if total_steps else range(len(train))
+            need = (visited_pairs(loader, (budget.horizon - step) * t.grad_accum) if budget.horizon
+                    else range(len(train)))
             need = sorted(need)
             c, r = pair_logps(model, [train[i] for i in need], pad, average)
             train_ref = (torch.full((len(train),), float("nan"), dtype=torch.float64),
@@ -233,47 +225,41 @@ def run(cfg: DPOConfig) -> int:
     runs.log(f"reference log-probs of {len(val) + (0 if base.lora else len(need))} pairs "
              f"[{time.perf_counter() - t0:.1f}s]")
 
-    if st is not None:
+    if resumed is not None:
+        st = resumed.state
         if not base.lora:
-            model.load_state_dict(checkpoint.load_model(resume_from).state_dict())
-        runs.restore(model, optimizer, st)
+            model.load_state_dict(resumed.weights)
+        restore(model, optimizer, st)
         tokens, seconds, before = st["tokens"], st["seconds"], st.get("before", {})
-        runs.log(f"resumed from {resume_from} at step {step}")
     else:
         before = evaluate(with_mc=True)
-        runs.log("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+        runs.log(f"before training: {runs.scores_line(before)}")
     lineage = {"stage": "dpo", "base_model": str(base.path), "base_lineage": base.lineage, "data": data["source"],
                "method": "lora" if base.lora else "full", "beta": cfg.beta, "loss": cfg.loss}
 
-    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None,
+    metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
     # policy forward + backward, plus a reference forward per step with LoRA (training FLOPs per token ~ 6N + 2N)
     flops_tok = flops_per_token_train(model.cfg, seq_len) * ((2 / 3 + 1 / 3) if base.lora else 1.0)
     monitor = Throughput(flops_tok, peak)
-    bar = ProgressBar(total_steps or t.max_tokens or t.max_time,
-                      "steps" if total_steps else "tokens" if t.max_tokens else "s",
-                      start=step if total_steps else tokens if t.max_tokens else seconds)
+    bar = ProgressBar(budget.total, budget.unit, start=budget.position(step, tokens, seconds))
 
-    def progress() -> float:
-        if total_steps:
-            return step_progress(step, total_steps, t.warmup_steps)
-        return tokens / t.max_tokens if t.max_tokens else seconds / t.max_time
-
-    def trainer_state() -> dict:
-        """What a checkpoint needs to resume this run exactly."""
-        return {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+    def save(out: Path) -> Path:
+        """A checkpoint that resumes this run exactly."""
+        st = {"step": step, "tokens": tokens, "seconds": seconds, "loader": loader.state_dict(), "before": before}
+        return runs.save_resumable(base, model, optimizer, rt, out, st, lineage)
 
     def done() -> bool:
-        return bool((total_steps and step >= total_steps) or (t.max_tokens and tokens >= t.max_tokens)
-                    or (t.max_time and seconds >= t.max_time))
+        return budget.done(step, tokens, seconds)
 
     model.train()
     last: dict = {}
     with StopRequest(runs.log) as stop:
         while not done() and not stop.requested:
             t_step = time.perf_counter()
-            lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+            progress = budget.progress(step, tokens, seconds)
+            lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
             set_lr(optimizer, lr)
             micro = [[i for row in loader.next_rows() for i in row] for _ in range(t.grad_accum)]
             n_pairs = sum(len(m) for m in micro)
@@ -317,17 +303,13 @@ def run(cfg: DPOConfig) -> int:
                 metrics.write(record)
                 shown = ("step", "loss", "reward_margin", "pref_accuracy", "val_loss", "val_pref_accuracy", "mc_acc")
                 line = runs.record_line(record, shown)
-                bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
-                           record.get("tokens_per_s"), line=line)
+                bar.update(budget.position(step, tokens, seconds), last["loss"], record.get("tokens_per_s"), line=line)
             if t.save_every and step % t.save_every == 0 and not done():
-                runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
+                rundir.save_step(run_dir, step, save, t.keep_last, kind)
     bar.close()
     metrics.close()
     if stop.requested:
-        if step:
-            where = runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
-            runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
-        return 130
+        return rundir.interrupted(run_dir, step, save, t.keep_last, kind, runs.log)
 
     lineage.update(steps=step, tokens=tokens, seconds=round(seconds, 1))
     written = save_final(base, model, run_dir, lineage, merge=cfg.lora.merge)

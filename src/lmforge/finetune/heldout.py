@@ -1,6 +1,8 @@
-"""Scoring inside a finetuning run: per-token loss on the masked (assistant) tokens of held-out examples, sequence
-log-probabilities, and multiple-choice accuracy, so a run's report can say how much better the finetuned model does
-than its base on examples it never trained on (the eval stage scores the same held-out files independently).
+"""Scoring inside a finetuning run: per-token loss on the masked (assistant) tokens of held-out examples, the
+log-probability a model gives each example's trained tokens (`example_logps` runs the model over examples;
+losses.sequence_logps is the same sum over a batch's logits), and multiple-choice accuracy, so a run's report can
+say how much better the finetuned model does than its base on examples it never trained on (the eval stage scores
+the same held-out files independently).
 
 Multiple choice is scored as lm-evaluation-harness scores it: each choice is rendered as the assistant's answer to
 the question with the chat template, and its log-probability is summed over the answer's tokens (the same
@@ -38,9 +40,10 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def sequence_logps(model: torch.nn.Module, examples: list[Example], pad_id: int,
+def example_logps(model: torch.nn.Module, examples: list[Example], pad_id: int,
                    batch_size: int = 16) -> tuple[list[float], list[int]]:
-    """Summed log p of each example's trained tokens, and their counts."""
+    """Run the model over `examples` (in batches, eval mode): the summed log p of each one's trained tokens, and
+    their counts."""
     was_training = model.training
     model.eval()
     dev = _device(model)
@@ -60,7 +63,7 @@ def sequence_logps(model: torch.nn.Module, examples: list[Example], pad_id: int,
 
 def masked_loss(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> float:
     """Mean negative log-likelihood per trained (assistant) token."""
-    sums, counts = sequence_logps(model, examples, pad_id, batch_size)
+    sums, counts = example_logps(model, examples, pad_id, batch_size)
     return -sum(sums) / max(1, sum(counts))
 
 
@@ -78,7 +81,7 @@ def mc_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, render: Callable, 
                 batch_size: int = 16, examples: list[Example] | None = None) -> dict[str, float]:
     """{"acc", "acc_norm", "n"} over items {"question", "choices", "answer": index}."""
     examples = examples if examples is not None else mc_examples(tokenizer, render, items)
-    sums, _ = sequence_logps(model, examples, tokenizer.pad_id or 0, batch_size)
+    sums, _ = example_logps(model, examples, tokenizer.pad_id or 0, batch_size)
     right = right_norm = 0
     k = 0
     for item in items:
@@ -96,8 +99,8 @@ def mc_accuracy(model: torch.nn.Module, tokenizer: Tokenizer, render: Callable, 
 def pair_logps(model: torch.nn.Module, pairs: list, pad_id: int, average: bool = False,
                batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(chosen | prompt) and log p(rejected | prompt) for every pair (summed, or token-averaged): [N], [N]."""
-    chosen, n_c = sequence_logps(model, [p.chosen for p in pairs], pad_id, batch_size)
-    rejected, n_r = sequence_logps(model, [p.rejected for p in pairs], pad_id, batch_size)
+    chosen, n_c = example_logps(model, [p.chosen for p in pairs], pad_id, batch_size)
+    rejected, n_r = example_logps(model, [p.rejected for p in pairs], pad_id, batch_size)
     c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
     if average:
         c = c / torch.tensor(n_c).clamp(min=1)

@@ -1,15 +1,18 @@
-"""The loss functions of stage 2, as pure functions of tensors (no model, no data), tested against hand-computed values.
+"""The preference losses of stage 2, as pure functions of tensors (no model, no data), tested against hand-computed
+values.
 
 - `token_logps`: log p(target) per position, computed from fp32 log-softmax (bf16 logits lose the small
   differences DPO depends on).
-- `masked_nll_sum`: the SFT objective's numerator and its token count. The recipe divides by the number of
-  trainable (assistant) tokens in the whole optimizer step, not per micro-batch or per sequence, so every
-  assistant token weighs the same however the step is split into micro-batches (the gradient-accumulation bug of
-  per-micro-batch means: examples in short micro-batches would count more).
 - `sequence_logps`: log p(response | prompt) per sequence, summed (DPO) or averaged over tokens (IPO).
 - `dpo_loss`: Direct Preference Optimization (Rafailov et al. 2023, eq. 7), the sigmoid loss with optional label
   smoothing (conservative DPO), and IPO (Azar et al. 2023, eq. 17) as an option; returns per-pair losses and the
   implicit rewards beta * (log pi - log pi_ref) that the log reports.
+
+SFT's objective is not here: it is next-token cross-entropy on the assistant tokens, the same arithmetic as
+pretraining's, so it is training/step.py's `lm_loss_sum` (fused, never holding the batch's logits) on targets
+whose untrained positions are IGNORE_INDEX (data/sft.py's collate), scaled by `loss_scale`: 1 / (trainable tokens
+in the whole optimizer step), so every assistant token weighs the same however the step is split into
+micro-batches (per-micro-batch means would make examples in short micro-batches count more).
 """
 
 from __future__ import annotations
@@ -28,16 +31,6 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     safe = targets.clamp(0, V - 1)  # masked positions may hold -100 or a pad id; their value is masked later
     # cross_entropy runs log-softmax in one fused kernel without materialising [B, T, V] log-probs twice
     return -F.cross_entropy(logits.float().reshape(B * T, V), safe.reshape(B * T), reduction="none").view(B, T)
-
-
-def masked_nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of -log p(target) over positions where mask is true, number of such positions).
-
-    logits [B, T, V], targets [B, T], mask [B, T] bool (true = train on this target token).
-    """
-    lp = token_logps(logits, targets)
-    m = mask.to(lp.dtype)
-    return -(lp * m).sum(), int(mask.sum())
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,

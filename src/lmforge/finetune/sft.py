@@ -9,9 +9,10 @@ is grad_accum micro-batches whose summed token losses are scaled by 1 / (trainab
 (training/step.py), backward, clip, AdamW; log, evaluate and checkpoint on their schedules; finally save final/
 (and adapter/ for LoRA), score the held-out set again, and write summary.json + report.md with the difference.
 
-The budget is the first limit reached among --max-steps, --max-tokens, --max-time, and, when none is given,
---train.epochs passes over the data. The learning-rate schedule spans whichever bounds the run. Runs resume from
-their newest checkpoint (same config, same seed: the same losses as an uninterrupted run).
+The budget (training/budget.py) is the first limit reached among --max-steps, --max-tokens, --max-time, and, when
+none is given, --train.epochs passes over the data. The learning-rate schedule spans whichever bounds the run. Runs
+resume from their newest loadable checkpoint (training/rundir.py; same config, same seed: the same losses as an
+uninterrupted run).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from typing import Any
 
 from lmforge.config import opt
 from lmforge.data.sft import SFT_FORMATS, ExampleLoader, ReadStats, collate, load_sft
+from lmforge.data.split import holdout_split
 from lmforge.errors import LmforgeError
 from lmforge.finetune import runs
 from lmforge.finetune.weights import LoraOptions, load_base, save_final
+from lmforge.training import rundir
+from lmforge.training.budget import Budget
 from lmforge.training.config import TrainConfig
 
 
@@ -70,21 +74,9 @@ class SFTConfig:
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
-def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    import random
-
-    if fraction <= 0 or len(examples) < 20:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, int(len(examples) * fraction))
-    val = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
-
-
 def load_data(cfg: SFTConfig, tokenizer: Any, template: str, seq_len: int, run_dir: Path) -> dict:
     """Train/validation examples, read statistics, and (builtin) the held-out multiple-choice items."""
-    mc: list[dict] = []
+    mc_items: list[dict] = []
     if cfg.data == "builtin":
         from lmforge.data import builtin_sets
 
@@ -95,7 +87,7 @@ def load_data(cfg: SFTConfig, tokenizer: Any, template: str, seq_len: int, run_d
         train, stats = load_sft("builtin", tokenizer, seq_len, template=template, records=train_recs,
                                 train_on_all=cfg.train_on_all)
         val, _ = load_sft("builtin", tokenizer, seq_len, template=template, records=val_recs)
-        mc = builtin_sets.heldout_mc()[:cfg.heldout_mc] if cfg.heldout_mc > 0 else []
+        mc_items = builtin_sets.heldout_mc()[:cfg.heldout_mc] if cfg.heldout_mc > 0 else []
         source = f"builtin (stdlib questions; files in {files['sft-train'].parent})"
     else:
         examples, stats = load_sft(cfg.data, tokenizer, seq_len, cfg.format, train_on_all=cfg.train_on_all,
@@ -104,9 +96,9 @@ def load_data(cfg: SFTConfig, tokenizer: Any, template: str, seq_len: int, run_d
             train = examples
             val, _ = load_sft(cfg.val_data, tokenizer, seq_len, cfg.format, skip_bad=cfg.skip_bad, template=template)
         else:
-            train, val = _split(examples, cfg.val_fraction, cfg.train.seed)
+            train, val = holdout_split(examples, cfg.val_fraction, cfg.train.seed)
         source = cfg.data
-    return {"train": train, "val": val[:cfg.val_max], "stats": stats, "mc": mc, "source": source}
+    return {"train": train, "val": val[:cfg.val_max], "stats": stats, "mc_items": mc_items, "source": source}
 
 
 def _stats_line(stats: ReadStats, n_train: int, n_val: int) -> str:
@@ -119,7 +111,7 @@ def _stats_line(stats: ReadStats, n_train: int, n_val: int) -> str:
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
-def evaluate(model: Any, tokenizer: Any, val: list, mc: list[dict], render: Any, autocast_ctx: Any,
+def evaluate(model: Any, tokenizer: Any, val: list, mc_items: list[dict], render: Any, autocast_ctx: Any,
              mc_examples: list | None = None) -> dict:
     from lmforge.finetune.heldout import masked_loss, mc_accuracy
 
@@ -127,8 +119,8 @@ def evaluate(model: Any, tokenizer: Any, val: list, mc: list[dict], render: Any,
     with autocast_ctx():
         if val:
             out["val_loss"] = masked_loss(model, val, tokenizer.pad_id or 0)
-        if mc:
-            acc = mc_accuracy(model, tokenizer, render, mc, examples=mc_examples)
+        if mc_items:
+            acc = mc_accuracy(model, tokenizer, render, mc_items, examples=mc_examples)
             out["mc_acc"], out["mc_acc_norm"] = acc["acc"], acc["acc_norm"]
     return out
 
@@ -160,7 +152,8 @@ def run(cfg: SFTConfig) -> int:
     from lmforge.training.monitor import Throughput, measure_peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
-    from lmforge.training.schedule import lr_at, set_lr, step_progress
+    from lmforge.training.schedule import lr_at, set_lr
+    from lmforge.training.state import restore
     from lmforge.training.step import clip_grad_norm, lm_loss_sum, loss_scale
     from lmforge.training.stop import StopRequest
 
@@ -170,16 +163,14 @@ def run(cfg: SFTConfig) -> int:
     opened = runs.open_run(cfg, cfg.lora.enabled)
     if opened is None:
         return 0
-    rt, run_dir, resume_from = opened
+    rt, run_dir, kind, resumed = opened
 
     # -- the base model, LoRA or not
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     adapter_dir=resume_from if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None)
     model, tok = base.model, base.tokenizer
-    if resume_from is not None and not cfg.lora.enabled:
-        from lmforge import checkpoint
-
-        model.load_state_dict(checkpoint.load_model(resume_from).state_dict())
+    if resumed is not None and not cfg.lora.enabled:
+        model.load_state_dict(resumed.weights)
     for note in base.notes:
         runs.log(f"note: {note}")
     runs.log(f"model: {base.path} ({'LoRA' if base.lora else 'full finetuning'}): {base.trainable:,} trainable of "
@@ -195,63 +186,49 @@ def run(cfg: SFTConfig) -> int:
 
     # -- data
     data = load_data(cfg, tok, base.template, seq_len, run_dir)
-    train, val, stats, mc = data["train"], data["val"], data["stats"], data["mc"]
+    train, val, stats, mc_items = data["train"], data["val"], data["stats"], data["mc_items"]
     runs.log(_stats_line(stats, len(train), len(val)))
-    mc_ex = build_mc(tok, render, mc) if mc else None
+    mc_ex = build_mc(tok, render, mc_items) if mc_items else None
     pad = tok.pad_id if tok.pad_id is not None else 0
     loader = ExampleLoader([len(e) for e in train], seq_len, t.batch_size, cfg.pack, t.seed)
     steps_per_epoch = math.ceil(loader.rows_per_epoch / t.batch_size / t.grad_accum)
-    total_steps = t.max_steps
-    if total_steps is None and t.max_tokens is None and t.max_time is None:
-        total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    budget = Budget.resolve(t, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
 
     # -- optimizer; resume
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     step, tokens, train_tokens, seconds = 0, 0, 0, 0.0
     before: dict = {}
-    if resume_from is not None:
-        from lmforge import checkpoint
-
-        st = checkpoint.load_trainer_state(resume_from)
-        runs.restore(model, optimizer, st)
+    if resumed is not None:
+        st = resumed.state
+        restore(model, optimizer, st)
         loader.load_state_dict(st["loader"])
         step, tokens, train_tokens, seconds = st["step"], st["tokens"], st["train_tokens"], st["seconds"]
         before = st.get("before", {})
-        runs.log(f"resumed from {resume_from} at step {step}")
     else:
         t0 = time.perf_counter()
-        before = evaluate(model, tok, val, mc, render, autocast_ctx, mc_ex)
-        runs.log("before training (base model): " + ", ".join(f"{k} {v:.4f}" for k, v in before.items())
-                 + f" [{time.perf_counter() - t0:.1f}s]")
+        before = evaluate(model, tok, val, mc_items, render, autocast_ctx, mc_ex)
+        runs.log(f"before training (base model): {runs.scores_line(before)} [{time.perf_counter() - t0:.1f}s]")
     lineage = {"stage": "sft", "base_model": str(base.path), "base_lineage": base.lineage, "data": data["source"],
                "method": "lora" if base.lora else "full"}
 
     # -- monitoring
-    metrics = MetricsWriter(run_dir, resume_step=step if resume_from is not None else None,
+    metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
     flops_tok = flops_per_token_train(model.cfg, seq_len)
     if base.lora:  # no weight gradients for frozen matrices: about 2/3 of full training's matmul FLOPs
         flops_tok *= 2 / 3
     monitor = Throughput(flops_tok, peak)
-    bar_total, unit = ((total_steps, "steps") if total_steps else (t.max_tokens, "tokens") if t.max_tokens
-                       else (t.max_time, "s"))
-    bar = ProgressBar(bar_total, unit, start=step if total_steps else tokens if t.max_tokens else seconds)
-
-    def progress() -> float:
-        if total_steps:
-            return step_progress(step, total_steps, t.warmup_steps)
-        if t.max_tokens:
-            return tokens / t.max_tokens
-        return seconds / t.max_time
+    bar = ProgressBar(budget.total, budget.unit, start=budget.position(step, tokens, seconds))
 
     def done() -> bool:
-        return bool((total_steps and step >= total_steps) or (t.max_tokens and tokens >= t.max_tokens)
-                    or (t.max_time and seconds >= t.max_time))
+        return budget.done(step, tokens, seconds)
 
-    def trainer_state() -> dict:
-        return {"step": step, "tokens": tokens, "train_tokens": train_tokens, "seconds": seconds,
-                "loader": loader.state_dict(), "before": before}
+    def save(out: Path) -> Path:
+        """A checkpoint that resumes this run exactly."""
+        st = {"step": step, "tokens": tokens, "train_tokens": train_tokens, "seconds": seconds,
+              "loader": loader.state_dict(), "before": before}
+        return runs.save_resumable(base, model, optimizer, rt, out, st, lineage)
 
     # -- the loop
     model.train()
@@ -259,7 +236,8 @@ def run(cfg: SFTConfig) -> int:
     with StopRequest(runs.log) as stop:
         while not done() and not stop.requested:
             t_step = time.perf_counter()
-            lr = lr_at(step, progress(), t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
+            progress = budget.progress(step, tokens, seconds)
+            lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
             set_lr(optimizer, lr)
             batches = [collate(train, loader.next_rows(), pad) for _ in range(t.grad_accum)]
             n_targets = sum(int(b["loss_mask"].sum()) for b in batches)
@@ -291,23 +269,19 @@ def run(cfg: SFTConfig) -> int:
                               grad_norm=grad_norm, epoch=loader.epochs_done, tokens_per_s=rate["tokens_per_s"],
                               mfu=rate["mfu"], seconds=seconds)
             if (t.eval_every and step % t.eval_every == 0) or done():
-                ev = evaluate(model, tok, val, mc if done() else [], render, autocast_ctx, mc_ex)
+                ev = evaluate(model, tok, val, mc_items if done() else [], render, autocast_ctx, mc_ex)
                 record.update(step=step, tokens=tokens, **ev)
                 last.update(ev)
             if record:
                 metrics.write(record)
                 line = runs.record_line(record, ("step", "loss", "val_loss", "mc_acc", "lr", "tokens_per_s"))
-                bar.update(step if total_steps else tokens if t.max_tokens else seconds, last["loss"],
-                           record.get("tokens_per_s"), line=line)
+                bar.update(budget.position(step, tokens, seconds), last["loss"], record.get("tokens_per_s"), line=line)
             if t.save_every and step % t.save_every == 0 and not done():
-                runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
+                rundir.save_step(run_dir, step, save, t.keep_last, kind)
     bar.close()
     metrics.close()
     if stop.requested:
-        if step:
-            where = runs.save_and_prune(base, model, optimizer, rt, run_dir, step, trainer_state(), lineage, t.keep_last)
-            runs.log(f"stopped at step {step}: checkpoint {where}; run the same command to resume")
-        return 130
+        return rundir.interrupted(run_dir, step, save, t.keep_last, kind, runs.log)
 
     # -- outputs
     lineage.update(steps=step, tokens=tokens, train_tokens=train_tokens, seconds=round(seconds, 1))

@@ -20,6 +20,7 @@ from typing import Any
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import DEFAULT_TARGETS
+from lmforge.training.rundir import Resumed, adapter_dir, final_dir
 
 
 @dataclass
@@ -33,10 +34,6 @@ class LoraOptions:
     targets: list[str] = opt(help="projections to adapt (repeat the flag or separate with commas): q,k,v,o,gate,up,down",
                              default_factory=lambda: list(DEFAULT_TARGETS))
     merge: bool = opt(True, "also write final/ as a merged full model (the adapter is always in adapter/)")
-
-
-def split_targets(targets: list[str]) -> list[str]:
-    return [t.strip() for item in targets for t in str(item).split(",") if t.strip()]
 
 
 @dataclass
@@ -55,15 +52,17 @@ class Base:
 
 
 def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_template: str = "",
-              adapter_dir: str | Path | None = None) -> Base:
+              resumed: Resumed | None = None) -> Base:
     """Load the base model and tokenizer, pick the chat template, apply LoRA (or unfreeze all) and move to device.
 
-    adapter_dir: resume a LoRA run from this adapter (its weights replace the fresh initialisation).
+    resumed: the checkpoint a LoRA run continues from (its adapter replaces the fresh
+    initialisation). A full run loads its checkpoint's weights itself, when the recipe is ready for them (DPO first
+    scores its reference with the base's own weights).
     """
     import torch
 
     from lmforge import checkpoint
-    from lmforge.model.lora import apply_lora, load_lora_state_dict, trainable_parameters
+    from lmforge.model.lora import apply_lora, load_lora_state_dict, split_targets, trainable_parameters
     from lmforge.tokenizer import chat
 
     if not path:
@@ -95,9 +94,8 @@ def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_templat
     if lora.enabled:
         apply_lora(model, split_targets(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                    seed=seed)
-        if adapter_dir is not None:
-            _, state = checkpoint.read_adapter(adapter_dir)
-            load_lora_state_dict(model, state, source=str(adapter_dir))
+        if resumed is not None:
+            load_lora_state_dict(model, resumed.weights, source=str(resumed.path))
     else:
         for prm in model.parameters():
             prm.requires_grad_(True)
@@ -105,18 +103,6 @@ def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_templat
     model.to(device)
     lineage = checkpoint.read_lineage(p).get("lineage", {})
     return Base(model, tokenizer, template, p, lineage, lora.enabled, trainable, total, notes)
-
-
-def save_checkpoint(base: Base, model: Any, out_dir: Path, lineage: dict, trainer_state: dict | None = None,
-                    state_dict: dict | None = None) -> Path:
-    """A resumable step checkpoint (adapter dir for LoRA, full model dir otherwise)."""
-    from lmforge import checkpoint
-
-    if base.lora:
-        return checkpoint.save_adapter(model, out_dir, base_model_name_or_path=base.path.resolve(), lineage=lineage,
-                                       trainer_state=trainer_state, tokenizer=base.tokenizer)
-    return checkpoint.save_model(model, out_dir, tokenizer=base.tokenizer, lineage=lineage,
-                                 trainer_state=trainer_state, state_dict=state_dict)
 
 
 def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool = True) -> dict[str, str]:
@@ -130,13 +116,13 @@ def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool
 
     out: dict[str, str] = {}
     if base.lora:
-        adapter = checkpoint.save_adapter(model, run_dir / "adapter", base_model_name_or_path=base.path.resolve(),
+        adapter = checkpoint.save_adapter(model, adapter_dir(run_dir), base_model_name_or_path=base.path.resolve(),
                                           lineage=lineage, tokenizer=base.tokenizer)
         out["adapter"] = str(adapter)
         if merge:
             merge_lora(model)
-            out["final"] = str(checkpoint.save_model(model, run_dir / "final", tokenizer=base.tokenizer,
+            out["final"] = str(checkpoint.save_model(model, final_dir(run_dir), tokenizer=base.tokenizer,
                                                      lineage={**lineage, "merged_adapter": str(adapter)}))
     else:
-        out["final"] = str(checkpoint.save_model(model, run_dir / "final", tokenizer=base.tokenizer, lineage=lineage))
+        out["final"] = str(checkpoint.save_model(model, final_dir(run_dir), tokenizer=base.tokenizer, lineage=lineage))
     return out

@@ -9,12 +9,14 @@ evaluate -> checkpoint. The arithmetic lives in lmforge.training (tested there);
 
 Decisions:
 - The model's vocabulary is the data's tokenizer's (model.vocab_size is derived, not configured).
-- Budget: --max-steps, --max-tokens, --max-time; the first reached stops the run. The LR schedule spans the
-  step/token budget, or the time budget when it is the only one. With none given: 500 steps.
-- Resume: running the same command again (resume is on by default) continues from the newest valid
-  checkpoint in --out: weights, optimizer, schedule step, data position and RNG states, so on CPU a resumed run
-  reproduces the uninterrupted one exactly. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a
-  checkpoint and exits with status 130; SIGKILL at any moment leaves only whole checkpoints (atomic writes).
+- Budget (training/budget.py): --max-steps, --max-tokens, --max-time; the first reached stops the run. The LR
+  schedule spans the step/token budget, or the time budget when it is the only one. With none given: 500 steps.
+- Resume (training/rundir.py, shared with finetuning): running the same command again (resume is on by default)
+  continues from the newest checkpoint in --out that loads (damaged ones are skipped): weights, optimizer,
+  schedule step, data position and RNG states, so on CPU a resumed run reproduces the uninterrupted one exactly;
+  a finished run of the same config has nothing to do, and another config is refused. Ctrl-C (SIGINT) or SIGTERM
+  finishes the current step, saves a checkpoint, writes the report and exits with status 130; SIGKILL at any
+  moment leaves only whole checkpoints (atomic writes).
 - Data parallel under torchrun: each rank reads its slice of the same global batch (see data/shards.py), so N
   ranks with batch B train like one process with batch N*B. FSDP2 with --train.parallel fsdp.
 """
@@ -31,11 +33,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lmforge import checkpoint as ckpt
-from lmforge.config import opt, save_config, to_dict
-from lmforge.data.shards import TokenLoader, TokenShards
+from lmforge.config import opt, to_dict
+from lmforge.data.shards import TokenLoader, TokenShards, validation_batches
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, ModelConfig
-from lmforge.training import state
+from lmforge.training import rundir, state
+from lmforge.training.budget import Budget
 from lmforge.training.compile import compile_blocks
 from lmforge.training.config import TrainConfig
 from lmforge.training.distributed import (
@@ -45,7 +48,6 @@ from lmforge.training.distributed import (
     cleanup,
     grad_sync,
     is_sharded,
-    load_optimizer_state,
     setup,
     unwrap,
     wrap_model,
@@ -56,7 +58,7 @@ from lmforge.training.monitor import Throughput, fastest_thread_count, measure_p
 from lmforge.training.optim import build_optimizer
 from lmforge.training.precision import autocast, dtype_name, resolve_dtype
 from lmforge.training.report import write_summary
-from lmforge.training.schedule import lr_at, set_lr, step_progress, total_steps
+from lmforge.training.schedule import lr_at, set_lr
 from lmforge.training.step import clip_grad_norm, count_targets, lm_loss_sum, loss_scale
 from lmforge.training.stop import StopRequest
 
@@ -74,78 +76,44 @@ class PretrainConfig:
 
 
 def _model_config(cfg: PretrainConfig, vocab_size: int, log) -> ModelConfig:
-    mc = dataclasses.replace(cfg.model)
-    if mc.vocab_size != vocab_size:
-        log(f"model.vocab_size set to {vocab_size}, the data's tokenizer (was {mc.vocab_size})")
-        mc.vocab_size = vocab_size
-    mc.validate()
+    model_cfg = dataclasses.replace(cfg.model)
+    if model_cfg.vocab_size != vocab_size:
+        log(f"model.vocab_size set to {vocab_size}, the data's tokenizer (was {model_cfg.vocab_size})")
+        model_cfg.vocab_size = vocab_size
+    model_cfg.validate()
     t = cfg.train
-    if t.seq_len > mc.max_seq_len:
+    if t.seq_len > model_cfg.max_seq_len:
         raise LmforgeError(f"--seq-len {t.seq_len} is longer than the model's context (model.max_seq_len "
-                           f"{mc.max_seq_len}); lower --seq-len or raise --model.max_seq_len")
+                           f"{model_cfg.max_seq_len}); lower --seq-len or raise --model.max_seq_len")
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise LmforgeError(f"--train.{name} must be at least 1")
     if t.lr <= 0:
         raise LmforgeError(f"--lr must be positive, got {t.lr}")
-    return mc
+    return model_cfg
 
 
-def _load_resumable(candidates: list[Path], mc: ModelConfig, log, torch):
-    """(model, trainer state, directory) from the newest loadable checkpoint, or (None, None, None).
+def _same_shape(resumed: rundir.Resumed, model_cfg: ModelConfig) -> None:
+    """A checkpoint resumes only into the model shape it was trained with."""
+    old_d, new_d = dataclasses.asdict(resumed.weights.cfg), dataclasses.asdict(model_cfg)
+    if old_d != new_d:
+        diff = ", ".join(f"{k}: {old_d[k]} there, {new_d[k]} here" for k in new_d if old_d[k] != new_d[k])
+        raise LmforgeError(f"the checkpoint {resumed.path} has a different model shape ({diff}); use the same "
+                           "settings to resume, or another --out for a new run")
 
-    A damaged checkpoint (unreadable weights or trainer state) is reported and skipped for the next older one;
-    if every checkpoint is damaged the run stops with an error rather than silently starting over.
-    """
-    problems = []
-    for d in candidates:
+
+def _open(cfg: PretrainConfig, out: Path, rt: Runtime, log) -> list[Path] | None:
+    """rundir.open_run on rank 0, its answer (or its error) on every rank."""
+    answer: tuple = ("ok", None)
+    if rt.is_main:
         try:
-            old = ckpt.load_config(d)
+            answer = ("ok", rundir.open_run(out, cfg, rundir.MODEL, cfg.train.resume, log))
         except LmforgeError as e:
-            problems.append(str(e))
-            log(f"warning: skipping damaged checkpoint {d}: {e}")
-            continue
-        old_d, new_d = dataclasses.asdict(old), dataclasses.asdict(mc)
-        if old_d != new_d:
-            diff = ", ".join(f"{k}: {old_d[k]} there, {new_d[k]} here" for k in new_d if old_d[k] != new_d[k])
-            raise LmforgeError(f"the checkpoint {d} has a different model shape ({diff}); use the same settings "
-                               "to resume, or another --out for a new run")
-        try:
-            trainer = ckpt.load_trainer_state(d)
-            if trainer is None or "optimizer" not in trainer:
-                raise LmforgeError(f"{d} has no usable trainer state")
-            model = ckpt.load_model(d, dtype=torch.float32)
-        except LmforgeError as e:
-            problems.append(str(e))
-            log(f"warning: skipping damaged checkpoint {d}: {e}")
-            continue
-        return model, trainer, d
-    if problems:
-        raise LmforgeError("no checkpoint in the run directory could be loaded (" + "; ".join(problems) + "); "
-                           "delete the damaged checkpoints, or use another --out to start over")
-    return None, None, None
-
-
-def _val_batches(shards: TokenShards, t: TrainConfig, rt: Runtime):
-    """This rank's share of the first eval_tokens of the validation split, as (inputs, targets) batches.
-
-    Windows are dealt round-robin to ranks. Every rank runs the same number of batches (FSDP's forward is
-    collective): a rank short of a window repeats one with every target ignored, so it adds nothing."""
-    import numpy as np
-    import torch
-
-    from lmforge.training.step import IGNORE_INDEX
-
-    seq = min(t.seq_len, len(shards) - 1)
-    n = min((len(shards) - 1) // seq, max(1, t.eval_tokens // seq))
-    per_rank = -(-n // rt.world_size)
-    mine = [rt.rank + i * rt.world_size for i in range(per_rank)]
-    for i in range(0, per_rank, t.batch_size):
-        ws = mine[i:i + t.batch_size]
-        batch = torch.from_numpy(np.stack([shards.read(w % n * seq, w % n * seq + seq + 1) for w in ws]))
-        x, y = batch[:, :-1], batch[:, 1:].clone()
-        y[torch.tensor([w >= n for w in ws])] = IGNORE_INDEX
-        yield x, y
+            answer = ("error", str(e))
+    status, value = broadcast_object(answer, rt)
+    if status == "error":
+        raise LmforgeError(value)
+    return value
 
 
 def run(cfg: PretrainConfig, on_step: Callable[[int, dict], bool | None] | None = None) -> int:
@@ -175,32 +143,30 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     train_data, val_data = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     manifest = train_data.manifest
     tokenizer = Tokenizer.load(Path(cfg.data) / "tokenizer")
-    mc = cfg.model = _model_config(cfg, tokenizer.vocab_size, log)  # the saved config.yaml shows what ran
+    model_cfg = cfg.model = _model_config(cfg, tokenizer.vocab_size, log)  # the saved config.yaml shows what ran
     loader = TokenLoader(train_data, t.seq_len, t.batch_size, t.seed, rt.rank, rt.world_size)
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * rt.world_size
-    if not (t.max_steps or t.max_tokens or t.max_time):
-        t.max_steps = DEFAULT_STEPS
-    horizon = total_steps(t.max_steps, t.max_tokens, tokens_per_step)
+    budget = Budget.resolve(t, tokens_per_step=tokens_per_step, default_steps=DEFAULT_STEPS)
+    t.max_steps = budget.max_steps  # config.yaml shows the budget that ran (DEFAULT_STEPS when none was given)
 
+    # ---- resume or start -----------------------------------------------------------------------------
+    candidates = _open(cfg, out, rt, log)
+    if candidates is None:  # this run is finished
+        if rt.is_main:
+            print(rundir.final_dir(out))
+        return 0
     if t.threads:  # after the checks above, so mistakes are reported at once
         torch.set_num_threads(t.threads)
     elif rt.device.type == "cpu" and torch.get_num_threads() > 1:
         torch.set_num_threads(fastest_thread_count())
         log(f"using {torch.get_num_threads()} CPU thread(s): the faster here right now (--train.threads N to fix)")
-
-    # ---- resume or start -----------------------------------------------------------------------------
-    candidates: list[Path] = []
-    if rt.is_main:
-        state.clean_partial(out)
-        if t.resume:
-            candidates = state.resume_candidates(out)
-        elif ckpt.checkpoints(out) or (out / "final").exists():
-            raise LmforgeError(f"{out} already holds checkpoints; resume (drop --no-resume) or pick another --out")
-    candidates = broadcast_object(candidates, rt)
     state.seed_everything(t.seed)
-    model, trainer, resume_from = _load_resumable(candidates, mc, log, torch)
-    if model is None:
-        model = Transformer(mc)
+    resumed = rundir.load_newest(candidates, lambda d: ckpt.load_model(d, dtype=torch.float32), log)
+    if resumed is not None:
+        _same_shape(resumed, model_cfg)
+        model = resumed.weights
+    else:
+        model = Transformer(model_cfg)
         model.init_weights(t.seed)
     model.to(rt.device).train()
     model.activation_checkpointing = t.activation_checkpointing
@@ -208,33 +174,27 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     raw = unwrap(model)  # the module itself: evaluation, sampling, the output matrix of the fused loss
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     step, tokens, elapsed = 0, 0, 0.0
-    if trainer is not None:
-        load_optimizer_state(model, optimizer, trainer["optimizer"])
+    if resumed is not None:
+        trainer = resumed.state
+        state.restore(model, optimizer, trainer)
         loader.load_state_dict(trainer["loader"])
-        state.set_rng_state(trainer["rng"])
         step, tokens, elapsed = int(trainer["step"]), int(trainer["tokens"]), float(trainer["elapsed"])
-        log(f"resuming from step {step} ({resume_from})")
     if t.compile:
         compile_blocks(model, rt.device, log)
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     # ---- measurement and output ----------------------------------------------------------------------
     amp = resolve_dtype(t.dtype, rt.device)
     amp_ctx = lambda: autocast(rt.device, amp)  # noqa: E731
     peak = t.peak_flops or measure_peak_flops(rt.device, amp)
-    monitor = Throughput(flops_per_token_train(mc, t.seq_len), peak, rt.world_size)
-    metrics = MetricsWriter(out, step if trainer else None, t.tensorboard) if rt.is_main else None
+    monitor = Throughput(flops_per_token_train(model_cfg, t.seq_len), peak, rt.world_size)
+    metrics = MetricsWriter(out, step if resumed else None, t.tensorboard) if rt.is_main else None
     fused = t.fused_loss and not is_sharded(model)
-    counts = param_counts(mc)
-    log(f"model: {n_params(mc) / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
-        f"{mc.n_layers} layers x {mc.hidden_size}; data: {len(train_data):,} train tokens; "
+    counts = param_counts(model_cfg)
+    log(f"model: {n_params(model_cfg) / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), "
+        f"{model_cfg.n_layers} layers x {model_cfg.hidden_size}; data: {len(train_data):,} train tokens; "
         f"{tokens_per_step:,} tokens/step on {rt.world_size} x {rt.device.type} ({dtype_name(amp)}), "
         f"peak {peak / 1e12:.2f} TFLOP/s per device")
-    bar_total = horizon if horizon else t.max_time
-    bar = ProgressBar(bar_total or 1, "steps" if horizon else "s", enabled=rt.is_main,
-                      start=step if horizon else elapsed)
+    bar = ProgressBar(budget.total, budget.unit, enabled=rt.is_main, start=budget.position(step, tokens, elapsed))
     lineage = {"stage": "pretrain", "data": str(cfg.data), "data_fingerprint": manifest.get("fingerprint"),
                "tokenizer_sha256": manifest["tokenizer"]["sha256"], "preset": cfg.preset}
     last: dict = {}
@@ -242,11 +202,12 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     samples: list[dict] = []
     stop_reason = None
 
-    def save_to(where: Path) -> None:
+    def save_to(where: Path) -> Path:
         st = {"step": step, "tokens": tokens, "elapsed": elapsed, "loader": loader.state_dict(),
               "config": to_dict(cfg)}
-        state.save(model, optimizer, rt, where, trainer_state=st, tokenizer=tokenizer,
-                   lineage=dict(lineage, steps=step, tokens=tokens, flops=tokens * monitor.flops_per_token))
+        return rundir.save_checkpoint(model, optimizer, rt, where, trainer_state=st, tokenizer=tokenizer,
+                                      lineage=dict(lineage, steps=step, tokens=tokens,
+                                                   flops=tokens * monitor.flops_per_token))
 
     def run_eval() -> None:
         with torch.compiler.set_stance("force_eager"):  # compiled blocks would recompile for decode shapes
@@ -254,8 +215,8 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
 
     def _eval() -> None:
         nonlocal val, samples
-        val = evaluate(raw, _val_batches(val_data, t, rt), amp_ctx, val_data.tokens_per_byte,
-                       reduce=lambda v: all_reduce_sum(v, rt))
+        batches = validation_batches(val_data, t.seq_len, t.batch_size, t.eval_tokens, rt.rank, rt.world_size)
+        val = evaluate(raw, batches, amp_ctx, val_data.tokens_per_byte, reduce=lambda v: all_reduce_sum(v, rt))
         samples = []
         if rt.is_main or is_sharded(model):
             prompts = [[tokenizer.eos_id], [tokenizer.eos_id] + val_data.read(0, 8).tolist()]
@@ -272,13 +233,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
     with StopRequest(log) as stop, bar:
         while True:
             # budget and stop requests (agreed by all ranks, whose clocks differ)
-            reason = None
-            if horizon is not None and step >= horizon:
-                reason = "budget (steps/tokens) reached"
-            elif t.max_time and elapsed >= t.max_time:
-                reason = f"time limit ({t.max_time:g}s) reached"
-            elif stop.requested:
-                reason = "interrupted"
+            reason = budget.reason(step, tokens, elapsed) or ("interrupted" if stop.requested else None)
             if rt.distributed:
                 agreed = all_reduce_sum([1.0 if reason else 0.0, 1.0 if stop.requested else 0.0], rt)
                 if agreed[1] and not stop.requested:
@@ -290,7 +245,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
                 break
 
             t0 = time.perf_counter()
-            progress = step_progress(step, horizon, t.warmup_steps) if horizon else elapsed / t.max_time
+            progress = budget.progress(step, tokens, elapsed)
             lr = lr_at(step, progress, t.lr, t.warmup_steps, t.schedule, t.min_lr_ratio, t.decay_fraction)
             set_lr(optimizer, lr)
 
@@ -319,7 +274,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
             monitor.add(tokens_per_step, dt)
 
             # log, evaluate, checkpoint
-            at_end = horizon is not None and step >= horizon
+            at_end = budget.steps_done(step)  # not the time limit: ranks' clocks differ, and evaluation is collective
             record = None
             if step % t.log_every == 0 or at_end or step == 1:
                 loss_value = all_reduce_sum([float(step_loss)], rt)[0] / rt.world_size
@@ -337,52 +292,48 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
                 if "loss" in record:
                     mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") else ""
                     line = f"step {step}: loss {record['loss']:.4f} lr {lr:.2e} {record['tokens_per_s']:,.0f} tok/s{mfu}"
-                bar.update(step if horizon else elapsed, loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"),
-                           line=line)
+                bar.update(budget.position(step, tokens, elapsed), loss=last.get("loss"),
+                           tokens_per_s=last.get("tokens_per_s"), line=line)
             if t.save_every and step % t.save_every == 0 and not at_end:
-                save_to(state.step_dir(out, step))
-                if rt.is_main:
-                    state.prune(out, t.keep_last)
+                rundir.save_step(out, step, save_to, t.keep_last, rundir.MODEL, rt.is_main)
             if on_step is not None and on_step(step, record or {"step": step, "loss": float(step_loss)}):
                 stop.requested = True
 
     # ---- the end: final weights (or a checkpoint to resume from), plot, report ----------------------------
     interrupted = stop_reason == "interrupted"
-    already_done = trainer is not None and resume_from.name == "final" and step == int(trainer["step"])
-    if step == 0 or (already_done and not interrupted):
-        log(f"nothing to do: {out} is already trained to step {step} (raise --max-steps to train further)"
-            if step else "stopped before the first step; nothing saved")
-        if metrics:
-            metrics.close()
-        return 0
+    code = 0
     if interrupted:
-        save_to(state.step_dir(out, step))
-        if rt.is_main:
-            state.prune(out, t.keep_last)
+        code = rundir.interrupted(out, step, save_to, t.keep_last, rundir.MODEL, log, rt.is_main)
+        if step == 0:
+            if metrics:
+                metrics.close()
+            return code
     else:
         if not val:
             run_eval()
-        save_to(state.final_dir(out))
+        save_to(rundir.final_dir(out))
     if not rt.is_main:
-        return 130 if interrupted else 0
+        return code
     metrics.close()
     plot = plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"pretrain {out.name}")
     hours = elapsed / 3600
     summary = {
         "stage": "pretrain",
         "title": f"Pretraining report: {out.name}",
-        "status": f"stopped at step {step}: {stop_reason}" + ("; resume with the same command" if interrupted else ""),
+        "status": f"stopped at step {step}: interrupted; resume with the same command" if interrupted
+                  else rundir.COMPLETE,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_dir": str(out),
         "data": {"directory": str(cfg.data), "sources": manifest.get("sources"),
                  "train_tokens": len(train_data), "val_tokens": len(val_data), "vocab_size": tokenizer.vocab_size,
                  "tokenizer_sha256": manifest["tokenizer"]["sha256"][:16], "epochs_seen": round(loader.epoch, 3)},
-        "model": {"preset": cfg.preset, "parameters": n_params(mc), "non_embedding_parameters": counts["non_embedding"],
-                  "layers": mc.n_layers, "hidden_size": mc.hidden_size, "heads": mc.n_heads,
-                  "kv_heads": mc.n_kv_heads, "intermediate_size": mc.intermediate_size, "context": mc.max_seq_len,
-                  "tied_embeddings": mc.tie_embeddings},
-        "training": {"steps": step, "tokens": tokens, "tokens_per_step": tokens_per_step, "seq_len": t.seq_len,
-                     "batch_size": t.batch_size, "grad_accum": t.grad_accum, "ranks": rt.world_size,
+        "model": {"preset": cfg.preset, "parameters": n_params(model_cfg),
+                  "non_embedding_parameters": counts["non_embedding"], "layers": model_cfg.n_layers,
+                  "hidden_size": model_cfg.hidden_size, "heads": model_cfg.n_heads, "kv_heads": model_cfg.n_kv_heads,
+                  "intermediate_size": model_cfg.intermediate_size, "context": model_cfg.max_seq_len,
+                  "tied_embeddings": model_cfg.tie_embeddings},
+        "training": {"steps": step, "stopped_by": stop_reason, "tokens": tokens, "tokens_per_step": tokens_per_step,
+                     "seq_len": t.seq_len, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "ranks": rt.world_size,
                      "parallel": t.parallel if rt.distributed else "none", "peak_lr": t.lr, "schedule": t.schedule,
                      "warmup_steps": t.warmup_steps, "precision": dtype_name(amp), "device": str(rt.device),
                      "seed": t.seed},
@@ -397,8 +348,8 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
                       "metrics": "metrics.jsonl", "config": "config.yaml"},
     }
     _, report = write_summary(out, summary)
-    where = state.step_dir(out, step) if interrupted else state.final_dir(out)
+    where = rundir.step_dir(out, step) if interrupted else rundir.final_dir(out)
     log(f"{'interrupted' if interrupted else 'done'}: step {step}, {tokens:,} tokens in {elapsed / 60:.1f} min; "
         f"train loss {last.get('loss', math.nan):.4f}, val loss {val.get('loss', math.nan):.4f}")
     print(f"{where}\n{report}")
-    return 130 if interrupted else 0
+    return code

@@ -2,7 +2,7 @@
 warmup-stable-decay (WSD; Hu et al. 2024, MiniCPM), or constant.
 
 `lr_at(step, progress)` separates the two clocks: warmup counts optimizer steps, while the decay follows
-`progress` in [0, 1], the fraction of the post-warmup budget spent. The caller computes progress from
+`progress` in [0, 1], the fraction of the post-warmup budget spent. training/budget.py computes progress from
 whatever bounds the run (steps, or tokens, or, when only a time limit is given, seconds), so one schedule
 serves every stopping rule. The schedule's state is the step, which lives in the trainer state.
 """
@@ -49,9 +49,3 @@ def step_progress(step: int, total_steps: int, warmup_steps: int = 0) -> float:
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def total_steps(max_steps: int | None, max_tokens: int | None, tokens_per_step: int) -> int | None:
-    """Length of the schedule in steps: the first of max_steps and max_tokens reached (None if neither is set)."""
-    limits = [s for s in (max_steps, -(-max_tokens // tokens_per_step) if max_tokens else None) if s]
-    return min(limits) if limits else None

@@ -1,11 +1,12 @@
 """Graceful stop for training loops: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to finish its current step,
-save a resumable checkpoint and exit; a second Ctrl-C aborts at once. Shared by the stage-2 recipes (finetune sft,
-dpo, cpt); a loop polls `requested` once per step.
+save a resumable checkpoint and exit; a second Ctrl-C aborts at once. Shared by every recipe (pretrain, finetune
+sft, dpo, cpt); a loop polls `requested` once per step.
 
     with StopRequest(log) as stop:
-        while not done() and not stop.requested:
+        while not budget.done(step, tokens, seconds) and not stop.requested:
             ...
-    if stop.requested: save a checkpoint, return 130
+    if stop.requested:
+        return rundir.interrupted(run_dir, step, save, keep_last, kind, log)   # save, prune, log, 130
 
 Outside the main thread signal handlers cannot be installed: Ctrl-C then raises KeyboardInterrupt as usual.
 """
