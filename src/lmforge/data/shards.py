@@ -21,6 +21,7 @@ evaluation of every run on the same data scores the same tokens (pretrain and cp
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,7 @@ class TokenLoader:
 
 
 def validation_batches(shards: TokenShards, seq_len: int, batch_size: int, eval_tokens: int, rank: int = 0,
-                       world_size: int = 1):
+                       world_size: int = 1) -> Iterator[tuple[Any, Any]]:
     """This rank's share of the first eval_tokens of `shards` as (inputs, targets) int64 batches [<=batch_size, T].
 
     Windows of seq_len + 1 tokens (shorter when the split is) are dealt round-robin to ranks. Every rank yields the
