@@ -27,6 +27,31 @@ def test_temperature_zero_is_argmax_and_never_draws():
     assert ids.tolist() == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-300, 5e-324, 1e-6])
+def test_tiny_temperatures_are_greedy(temperature):
+    """logits / 1e-39 overflowed float32 to inf, softmax made NaN, and the draw returned the last id every step."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 5
+    logits[:, -1] = logits.min() - 1  # the last id is never the answer
+
+    class NoDraw(random.Random):
+        def random(self):
+            raise AssertionError("a greedy row must not consume randomness")
+
+    params = [SamplingParams(temperature=temperature, seed=1)] * 4
+    ids = sample(logits, params, [NoDraw()] * 4, [None] * 4)
+    assert ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_small_temperature_above_greedy_is_stable():
+    """Just above the greedy threshold the tempered softmax stays finite and puts its mass on the argmax."""
+    logits = torch.tensor([[30.0, 29.0, -5.0, 1e4 / 3], [0.0, 0.1, 0.2, 0.3]])
+    probs = filter_probs(logits, [SamplingParams(temperature=2e-5)] * 2)
+    assert torch.isfinite(probs).all()
+    assert probs.argmax(-1).tolist() == [3, 3] and (probs.max(-1).values > 0.999).all()
+    ids = sample(logits, [SamplingParams(temperature=2e-5)] * 2, [random.Random(0)] * 2, [None] * 2)
+    assert ids.tolist() == [3, 3]
+
+
 def test_top_k_top_p_min_p_supports():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]] * 3))
     ps = [SamplingParams(top_k=2), SamplingParams(top_p=0.8), SamplingParams(min_p=0.25)]

@@ -8,7 +8,10 @@ stream, and log-probabilities. Leaves to others: stop *strings* (text level, gen
 sequence ends (engine.py), and HTTP parameter names (serve/schemas.py).
 
 Decisions, after HF transformers, vLLM and llama.cpp:
-- temperature 0 means greedy (argmax); greedy rows never touch a random stream.
+- temperature 0 means greedy (argmax); greedy rows never touch a random stream. So does any temperature below
+  GREEDY_BELOW (1e-5, vLLM's threshold): logits / 1e-39 overflow float32 to inf and softmax turns them into
+  NaN (which drew the last vocabulary id every step), and such a temperature means "argmax" anyway. Above it,
+  logits / temperature overflows only for logits beyond 1e33.
 - repetition_penalty is CTRL's (Keskar et al. 2019) as HF applies it: over prompt and output tokens,
   positive logits are divided by it and negative ones multiplied. presence/frequency penalties are
   OpenAI's: over *generated* tokens only, logit -= frequency * count + presence * (count > 0).
@@ -32,11 +35,13 @@ import torch
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample as greedy (see the module docstring)
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
@@ -76,7 +81,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:
@@ -135,7 +140,7 @@ def filter_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     dev = logits.device
     V = logits.shape[-1]
     temp = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)[:, None]
-    probs = torch.softmax(logits / temp, dim=-1)  # R V
+    probs = torch.softmax(logits / temp, dim=-1)  # R V; temp >= GREEDY_BELOW, so logits / temp stays finite
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         # One descending sort serves both top-k (rank cut) and top-p (nucleus; Holtzman et al. 2019).
         sorted_p, order = probs.sort(dim=-1, descending=True)
