@@ -4,7 +4,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizer.train import TrainTokenizerConfig, expand_files
+from lmforge.tokenizer.train import expand_files
 
 
 def test_cli_trains_and_saves(tmp_path, corpus, capsys):
@@ -48,6 +48,29 @@ def test_cli_errors(tmp_path, corpus, capsys, args, message):
     assert message in err and "Traceback" not in err
 
 
-def test_config_defaults():
-    cfg = TrainTokenizerConfig()
-    assert cfg.files == [] and cfg.vocab_size == 8192 and cfg.out == "tokenizer"
+def test_defaults_write_tokenizer_dir_and_say_when_text_is_too_small(tmp_path, corpus, capsys, monkeypatch):
+    """With only --files: the result goes to ./tokenizer, and a corpus too small for 8192 ids says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(corpus)
+    assert main(["tokenizer", "train", "--files", "c.txt"]) == 0
+    captured = capsys.readouterr()
+    tok = Tokenizer.load(tmp_path / "tokenizer")
+    assert tok.vocab_size < 8192
+    assert f"the text supports only {tok.vocab_size} ids (asked for 8192)" in captured.err
+    assert f"saved tokenizer to tokenizer: vocab_size {tok.vocab_size}" in captured.out
+
+
+def test_min_frequency_limits_merges_and_training_is_deterministic(tmp_path, corpus, capsys):
+    """--min-frequency drops pairs that occur too rarely; the same text and options give the same file."""
+    (tmp_path / "c.txt").write_text(corpus)
+
+    def train(out, *extra):
+        assert main(["tokenizer", "train", "--files", str(tmp_path / "c.txt"), "--vocab-size", "4000",
+                     "--out", str(tmp_path / out), *extra]) == 0
+        return Tokenizer.load(tmp_path / out).vocab_size
+
+    every_pair, frequent_only = train("a", "--min-frequency", "1"), train("b", "--min-frequency", "20")
+    assert frequent_only < every_pair
+    train("c", "--min-frequency", "1")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "c" / "tokenizer.json").read_bytes()
+
