@@ -4,6 +4,10 @@ A checkpoint is a directory that transformers' AutoModelForCausalLM / AutoTokeni
 config.json, model.safetensors (or shards + model.safetensors.index.json), generation_config.json, tokenizer
 files, plus lmforge.json (format version and lineage) and, for resumable training, trainer_state/.
 
+config.json and adapter_config.json are untrusted input: each value's type and range is validated (with
+ModelConfig.validate) before anything is sized from it, and load_model checks the memory a config implies against
+what the machine has free, then the safetensors headers against the config, before it reads a tensor.
+
 Writes are atomic: everything goes into a temporary sibling directory that is renamed into place, so a
 killed run never leaves a checkpoint that looks whole but is not. Safetensors only; trainer state, which
 holds optimizer dicts, uses torch.save and is read back with weights_only=True.
@@ -12,14 +16,16 @@ holds optimizer dicts, uses torch.save and is read back with weights_only=True.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import LmforgeError
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import MAX_SIZE, ModelConfig, rope_type
 
 if TYPE_CHECKING:
     import torch
@@ -33,36 +39,72 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": 
 
 
 # ---- config.json ----------------------------------------------------------------------------------------
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+# ModelConfig field -> the config.json key that sets it, so that validation messages name what the user sees
+HF_NAMES = {"model_type": "model_type", "vocab_size": "vocab_size", "hidden_size": "hidden_size",
+            "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+            "intermediate_size": "intermediate_size", "max_seq_len": "max_position_embeddings",
+            "head_dim": "head_dim", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
+            "norm_eps": "rms_norm_eps", "qkv_bias": "attention_bias", "tie_embeddings": "tie_word_embeddings",
+            "sliding_window": "sliding_window", "init_std": "initializer_range"}
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _given(hf: dict, key: str, default: Any = None) -> Any:
+    """hf[key], or default when the key is absent or null (HF writes null for "use the default")."""
+    v = hf.get(key)
+    return default if v is None else v
+
+
+def config_from_hf(hf: Any, source: str = "config.json") -> ModelConfig:
+    """The ModelConfig a parsed config.json describes, validated; LmforgeError naming the key otherwise.
+
+    config.json is untrusted input: every value's type and range is checked here and in ModelConfig.validate
+    before anything is sized from it.
+    """
+    if not isinstance(hf, dict):
+        kind = {list: "an array", str: "a string"}.get(type(hf), type(hf).__name__)
+        raise LmforgeError(f"{source} must hold a JSON object of model settings (as save_pretrained writes), "
+                           f"not {kind}")
     mt = hf.get("model_type")
-    if mt not in SUPPORTED_TYPES:
+    if not isinstance(mt, str) or mt not in SUPPORTED_TYPES:
         raise LmforgeError(f"{source}: model_type {mt!r} is not supported; lmforge loads {', '.join(SUPPORTED_TYPES)}")
+    missing = [k for k in _REQUIRED if hf.get(k) is None]
+    if missing:
+        raise LmforgeError(f"{source}: missing key {missing[0]!r}; is this a Hugging Face causal-LM config?")
+    for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings"):
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            raise LmforgeError(f"{source}: {key} must be true or false, got {hf[key]!r}")
     if hf.get("mlp_bias") or (mt == "llama" and hf.get("attention_bias")):
         raise LmforgeError(f"{source}: attention_bias/mlp_bias on Llama output projections are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise LmforgeError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
-    rope = dict(hf.get("rope_parameters") or {})  # transformers 5 nests rope settings here
-    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    names = HF_NAMES
+    rope = hf.get("rope_parameters")  # transformers 5 nests rope settings here
+    if rope is not None and not isinstance(rope, dict):
+        raise LmforgeError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
+    rope = dict(rope or {})
+    theta = _given(hf, "rope_theta", _given(rope, "rope_theta", 10000.0))
+    rope.pop("rope_theta", None)
+    scaling = hf.get("rope_scaling")
+    if scaling is None and rope and rope_type(rope) != "default":
+        scaling, names = rope, {**HF_NAMES, "rope_scaling": "rope_parameters"}
     sliding = hf.get("sliding_window")
     if mt == "qwen2" and not hf.get("use_sliding_window", False):
         sliding = None
-    try:
-        n_heads = hf["num_attention_heads"]
-        cfg = ModelConfig(
-            model_type=mt, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads, intermediate_size=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048), head_dim=hf.get("head_dim"),
-            rope_theta=float(theta), rope_scaling=dict(scaling) if scaling else None,
-            norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=(mt == "qwen2") or bool(hf.get("attention_bias")),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=sliding,
-            init_std=hf.get("initializer_range", 0.02))
-    except KeyError as e:
-        raise LmforgeError(f"{source}: missing key {e.args[0]!r}; is this a Hugging Face causal-LM config?") from None
+    n_heads = hf["num_attention_heads"]
+    cfg = ModelConfig(
+        model_type=mt, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=n_heads, n_kv_heads=_given(hf, "num_key_value_heads", n_heads),
+        intermediate_size=hf["intermediate_size"], max_seq_len=_given(hf, "max_position_embeddings", 2048),
+        head_dim=hf.get("head_dim"), rope_theta=theta,
+        rope_scaling=(dict(scaling) if isinstance(scaling, dict) else scaling) or None,
+        norm_eps=_given(hf, "rms_norm_eps", 1e-6), qkv_bias=(mt == "qwen2") or bool(hf.get("attention_bias")),
+        tie_embeddings=_given(hf, "tie_word_embeddings", False), sliding_window=sliding,
+        init_std=_given(hf, "initializer_range", 0.02))
+    cfg.validate(source, names)
+    cfg.rope_theta = float(cfg.rope_theta)
     if cfg.head_dim == cfg.hidden_size // cfg.n_heads:
         cfg.head_dim = None
-    cfg.validate()
     return cfg
 
 
@@ -72,7 +114,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = 
         "architectures": [_ARCH[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.hd, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "head_dim": cfg.head_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
@@ -141,42 +183,118 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
+# Host memory the Python objects of one layer's modules take (measured: ~70 kB per Block on the meta device), so
+# that a config with millions of tiny layers is refused for what building it costs, not only for its weights.
+_BYTES_PER_LAYER_OBJECTS = 80_000
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _ensure_memory(cfg: ModelConfig, hf: dict, dtype: torch.dtype | None, device, where: Path) -> None:
+    """Refuse, before reading or building anything, a model this machine cannot hold.
+
+    Host: the tensors read from the files (at config.json's dtype; float32 if it names none), at most a converted
+    copy when the target dtype differs, and the modules' Python objects. A CUDA device: the weights at the target
+    dtype. The arithmetic is accounting.weight_bytes, the same the planner uses.
+    """
+    from lmforge.model import accounting, memory
+
+    stored = _given(hf, "dtype", _given(hf, "torch_dtype", "float32"))
+    file_bytes = _DTYPE_BYTES.get(stored, 4) if isinstance(stored, str) else 4
+    target_bytes = dtype.itemsize if dtype is not None else file_bytes
+    on_cuda = str(device).startswith("cuda")
+    host = accounting.weight_bytes(cfg, file_bytes) + cfg.n_layers * _BYTES_PER_LAYER_OBJECTS
+    if not on_cuda and target_bytes != file_bytes:
+        host += accounting.weight_bytes(cfg, target_bytes)
+    needs = [("cpu", host)] + ([(str(device), accounting.weight_bytes(cfg, target_bytes))] if on_cuda else [])
+    for dev, need in needs:
+        free = memory.available_bytes(dev)
+        if free is not None and need > free:
+            raise LmforgeError(
+                f"{where}: this model needs about {memory.format_bytes(need)} of memory on {dev} to load "
+                f"({accounting.n_params(cfg):,} parameters, {cfg.n_layers} layers), but {dev} has "
+                f"{memory.format_bytes(free)} free; check config.json's sizes, free memory, or load it with a "
+                "smaller dtype (--dtype bfloat16)")
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the Transformer for cfg holds and its shape, from a one-layer model on the meta device
+    (so a config is checked against the files without building all its layers)."""
+    import torch
+
+    from lmforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        one = Transformer(cfg.replace(n_layers=1))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k, v in one.state_dict().items():
+        if k.startswith("model.layers.0."):
+            rest = k.removeprefix("model.layers.0.")
+            for i in range(cfg.n_layers):
+                shapes[f"model.layers.{i}.{rest}"] = tuple(v.shape)
+        elif not (cfg.tie_embeddings and k == "lm_head.weight"):
+            shapes[k] = tuple(v.shape)
+    return shapes
+
+
+def _file_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers alone (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    found: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    found[k] = tuple(h.get_slice(k).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+    return found
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Load a HF directory of the Llama/Mistral/Qwen2 families into lmforge's Transformer (eval mode)."""
+    """Load a HF directory of the Llama/Mistral/Qwen2 families into lmforge's Transformer (eval mode).
+
+    In order, so that a bad directory costs nothing: config.json is validated, the memory it implies is checked
+    against what the machine has free, the tensor names and shapes in the safetensors headers are checked against
+    the config, and only then are tensors read and the model built (on the meta device, taking the read tensors
+    as its parameters rather than copying them).
+    """
     import torch
 
     from lmforge.model.transformer import Transformer, rope_inv_freq
 
     p = _model_dir(path)
-    cfg = load_config(p)
+    hf = _read_json(p / "config.json")
+    cfg = config_from_hf(hf, str(p / "config.json"))
+    _ensure_memory(cfg, hf, dtype, device, p)
     files = _weight_files(p)
-    state = _read_tensors(files)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
     where = files[0] if len(files) == 1 else p / "model.safetensors.index.json"
+    expected = _expected_shapes(cfg)
+    found = {k: v for k, v in _file_shapes(files).items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        found.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing:
         raise LmforgeError(f"{where} lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}; "
                            "the weights do not belong to this config.json")
     if unexpected:
         raise LmforgeError(f"{where} has {len(unexpected)} tensor(s) this architecture does not use, e.g. {unexpected[:3]}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise LmforgeError(f"{where}: tensor {k} has shape {tuple(state[k].shape)} but config.json implies "
-                               f"{tuple(v.shape)}; config and weights do not match")
+    for k, shape in expected.items():
+        if found[k] != shape:
+            raise LmforgeError(f"{where}: tensor {k} has shape {found[k]} but config.json implies "
+                               f"{shape}; config and weights do not match")
+    state = _read_tensors(files)
     target = dtype or state["model.embed_tokens.weight"].dtype
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: t.to(target) for k, t in state.items()}, strict=False)
+    # one tensor at a time: peak memory is the files' tensors plus one converted tensor, not two whole models
+    weights = {k: state.pop(k).to(device=device, dtype=target) for k in list(expected)}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(weights, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model.to(target).eval()
+    return model.eval()
 
 
 def eos_ids(path: str | Path) -> list[int]:
@@ -328,6 +446,8 @@ def read_adapter_config(path: str | Path) -> dict:
         raise LmforgeError(f"adapter directory {p} does not exist (give a PEFT adapter directory, e.g. runs/NAME/adapter)")
     cfg = _read_json(p / ADAPTER_CONFIG)
     where = p / ADAPTER_CONFIG
+    if not isinstance(cfg, dict):
+        raise LmforgeError(f"{where} must hold a JSON object (as PEFT's save_pretrained writes), got {cfg!r:.60}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LmforgeError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported; lmforge loads LoRA adapters")
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
@@ -339,22 +459,45 @@ def read_adapter_config(path: str | Path) -> dict:
                            "not supported; merge it with PEFT first (merge_and_unload) and load the full model")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise LmforgeError(f"{where}: per-module rank_pattern/alpha_pattern is not supported")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
-        raise LmforgeError(f"{where}: 'r' (the LoRA rank) must be a positive integer, got {cfg.get('r')!r}")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_SIZE:
+        raise LmforgeError(f"{where}: 'r' (the LoRA rank) must be a positive integer, got {r!r}")
+    alpha = cfg.get("lora_alpha", 8)
+    if not _finite(alpha) or alpha <= 0:
+        raise LmforgeError(f"{where}: lora_alpha must be a finite positive number (the update is scaled by "
+                           f"lora_alpha / r), got {alpha!r}")
+    dropout = _given(cfg, "lora_dropout", 0.0)
+    if not _finite(dropout) or not 0 <= dropout < 1:
+        raise LmforgeError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        raise LmforgeError(f"{where}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        items = [layers] if not isinstance(layers, list) else layers
+        if not items or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            raise LmforgeError(f"{where}: layers_to_transform must be null, a layer index or a list of them, "
+                               f"got {layers!r}")
+    _peft_targets(cfg, str(where))
     return cfg
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _peft_targets(cfg: dict, where: str) -> list[str]:
     from lmforge.model.lora import TARGET_NAMES
 
     targets = cfg.get("target_modules")
-    if isinstance(targets, str):  # PEFT allows a regex over full module names
-        import re as _re
-
-        targets = [t for t in TARGET_NAMES.values() if _re.search(targets, f"model.layers.0.self_attn.{t}")
-                   or _re.search(targets, f"model.layers.0.mlp.{t}")]
     if targets in (None, "all-linear"):
         targets = list(TARGET_NAMES.values())
+    elif isinstance(targets, str):  # PEFT allows a regex over full module names
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise LmforgeError(f"{where}: target_modules {targets!r} is not a valid regular expression ({e})") from None
+        targets = [t for t in TARGET_NAMES.values() if pattern.search(f"model.layers.0.self_attn.{t}")
+                   or pattern.search(f"model.layers.0.mlp.{t}")]
     if not isinstance(targets, list) or not targets:
         raise LmforgeError(f"{where}: target_modules must be a list of module names, got {cfg.get('target_modules')!r}")
     bad = [t for t in targets if t not in TARGET_NAMES.values()]
@@ -414,6 +557,16 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    where = p / ADAPTER_CONFIG
+    n_layers = model.cfg.n_layers
+    if layers is not None and max(layers) >= n_layers:
+        raise LmforgeError(f"{where}: layers_to_transform names layer {max(layers)}, but the base model has "
+                           f"{n_layers} layers (0..{n_layers - 1}); was the adapter trained on another base?")
+    # The rank in the config sizes what apply_lora allocates: it must be the rank the tensors have.
+    for k, t in state.items():
+        if t.dim() != 2 or t.shape[0 if k.endswith(".lora_A") else 1] != cfg["r"]:
+            raise LmforgeError(f"{where}: r is {cfg['r']}, but {p / ADAPTER_WEIGHTS} holds {k} of shape "
+                               f"{tuple(t.shape)}; the config does not belong to these weights")
     alpha = cfg.get("lora_alpha", 8)
     apply_lora(model, _peft_targets(cfg, str(p / ADAPTER_CONFIG)), rank=cfg["r"], alpha=alpha, dropout=0.0,
                use_rslora=bool(cfg.get("use_rslora")), layers=layers)

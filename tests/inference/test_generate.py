@@ -111,3 +111,15 @@ def test_help_lists_dtype_and_quantize_choices(verb, capsys):
         main([verb, "--help"])
     out = capsys.readouterr().out
     assert "--dtype {float32,bfloat16,float16}" in out and "--quantize {int8}" in out
+
+
+def test_generate_refuses_a_kv_cache_that_cannot_fit(tmp_path, capsys):
+    """A 1M-parameter model declaring a 2**31-position context: one clear error with the fix, not torch's."""
+    d = make_model_dir(tmp_path / "long", max_seq_len=2**31 - 1)
+    assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the KV cache for 1 sequence(s) of 2147483647 positions needs")
+    assert "max_position_embeddings) is 2147483647" in err and "--max-len" in err and "Traceback" not in err
+    # the fix it names works
+    assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2",
+                 "--max-len", "64", "--temperature", "0"]) == 0

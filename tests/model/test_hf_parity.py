@@ -84,6 +84,32 @@ def test_llama31_rope_scaling_matches(tmp_path):
         assert (model(ids) - ref(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("family, scaling", [
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    ("llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16,
+               "beta_slow": 2, "truncate": False}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "attention_factor": 1.3}),
+    ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0,
+               "mscale_all_dim": 0.5}),
+    ("qwen2", {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32}),  # factor = 128 / 32
+])
+def test_yarn_rope_scaling_matches(tmp_path, family, scaling):
+    """YaRN (Qwen2.5's long-context setting) as transformers computes it: frequencies and the cos/sin factor."""
+    ref = make_hf_model(family, tmp_path / "m", rope_scaling=scaling, max_position_embeddings=128)
+    model = checkpoint.load_model(tmp_path / "m")
+    assert model.cfg.rope_scaling["rope_type"] == "yarn"
+    assert model.rope_scale == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-6)
+    assert model.rope_scale != 1.0
+    assert (model.inv_freq - ref.model.rotary_emb.inv_freq).abs().max() < 1e-6
+    ids = _ids(model.cfg.vocab_size, (1, 100))  # beyond the original context
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max().item() < 1e-4
+        cache = model.new_cache(1, 128)  # the cache path uses the same scaled rotary
+        parts = [model(ids[:, :60], input_pos=0, cache=cache)]
+        parts += [model(ids[:, t:t + 1], input_pos=t, cache=cache) for t in range(60, 100)]
+        assert (torch.cat(parts, 1) - ref(ids).logits).abs().max().item() < 1e-4
+
+
 def test_lmforge_model_with_tokenizer_round_trips_through_transformers(tmp_path):
     """A model lmforge trains and saves is a HF directory: same logits, same ids, same chat string."""
     import json

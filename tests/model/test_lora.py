@@ -161,3 +161,74 @@ def test_adapter_dir_errors(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
     with pytest.raises(LmforgeError, match="use_dora"):
         checkpoint.load_adapter(model, d)
+
+
+def test_huge_rank_or_nan_alpha_in_apply_lora_are_clear_errors():
+    """Before any factor is allocated: a rank that cannot fit, and an alpha that would make every output NaN."""
+    with pytest.raises(LmforgeError, match=r"LoRA rank 1000000000000 on 4 projections needs .* free; use a smaller rank"):
+        apply_lora(_model(), targets=["q", "v"], rank=10**12)
+    for alpha in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(LmforgeError, match="alpha must be a finite positive number"):
+            apply_lora(_model(), alpha=alpha)
+
+
+def _set(**kw):
+    return lambda c: c.update(kw)
+
+
+# Hostile adapter_config.json files beside real adapter weights (rank 4 on q,v of the "test" preset, 2 layers)
+ADAPTER_BANK = [
+    ("r-huge", _set(r=10**9), r"r is 1000000000, but .* holds .* of shape \(4, 128\)"),
+    ("r-beyond-int32", _set(r=2**40), "'r' .* must be a positive integer"),
+    ("r-0", _set(r=0), "'r' .* must be a positive integer"),
+    ("r-negative", _set(r=-4), "'r' .* must be a positive integer"),
+    ("r-string", _set(r="4"), "'r' .* must be a positive integer"),
+    ("r-float", _set(r=4.0), "'r' .* must be a positive integer"),
+    ("r-bool", _set(r=True), "'r' .* must be a positive integer"),
+    ("r-smaller-than-tensors", _set(r=2), r"r is 2, but .* of shape \(4, 128\)"),
+    ("alpha-nan", _set(lora_alpha=float("nan")), "lora_alpha must be a finite positive number"),
+    ("alpha-inf", _set(lora_alpha=float("inf")), "lora_alpha must be a finite positive number"),
+    ("alpha-negative", _set(lora_alpha=-16), "lora_alpha must be a finite positive number"),
+    ("alpha-0", _set(lora_alpha=0), "lora_alpha must be a finite positive number"),
+    ("alpha-string", _set(lora_alpha="16"), "lora_alpha must be a finite positive number"),
+    ("dropout-1.5", _set(lora_dropout=1.5), r"lora_dropout must be a number in \[0, 1\)"),
+    ("targets-unknown", _set(target_modules=["q_proj", "embed_tokens"]), r"target module\(s\) \['embed_tokens'\] are not"),
+    ("targets-number", _set(target_modules=5), "target_modules must be a list of module names"),
+    ("targets-bad-regex", _set(target_modules="(q_proj"), "not a valid regular expression"),
+    ("layers-beyond-base", _set(layers_to_transform=[0, 7]), "names layer 7, but the base model has 2 layers"),
+    ("layers-negative", _set(layers_to_transform=[-1]), "layers_to_transform must be null, a layer index"),
+    ("layers-string", _set(layers_to_transform="0"), "layers_to_transform must be null, a layer index"),
+    ("rslora-string", _set(use_rslora="yes"), "use_rslora must be true or false"),
+    ("json-list", "[4, 8]", "must hold a JSON object"),
+    ("peft-type", _set(peft_type="IA3"), "peft_type 'IA3' is not supported"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    model = _model()
+    apply_lora(model, targets=["q", "v"], rank=4, alpha=8)
+    return checkpoint.save_adapter(model, tmp_path_factory.mktemp("adapter") / "a")
+
+
+@pytest.mark.parametrize("change, message", [c[1:] for c in ADAPTER_BANK], ids=[c[0] for c in ADAPTER_BANK])
+def test_hostile_adapter_config_is_one_clear_error(saved_adapter, tmp_path, change, message):
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "adapter_model.safetensors").symlink_to(saved_adapter / "adapter_model.safetensors")
+    if isinstance(change, str):
+        (d / "adapter_config.json").write_text(change)
+    else:
+        cfg = json.loads((saved_adapter / "adapter_config.json").read_text())
+        change(cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+    model = _model()
+    with pytest.raises(LmforgeError, match=message) as e:
+        checkpoint.load_adapter(model, d)
+    assert "adapter_config.json" in str(e.value)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # refused before any surgery
+
+
+def test_the_saved_adapter_loads(saved_adapter):
+    model = checkpoint.load_adapter(_model(), saved_adapter)
+    assert lora_settings(model)["rank"] == 4

@@ -44,6 +44,28 @@ def test_per_row_positions_and_slots():
             pa, pb = pa + 1, pb + 1
 
 
+def test_every_attention_plan_row_matches_the_full_forward():
+    """One check per row of Transformer._attention_plan's table (the others: the tests around this one)."""
+    for window in (None, 5):
+        m = _model(sliding_window=window)
+        ids = torch.randint(0, m.cfg.vocab_size, (2, 14), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            full = m(ids)
+            # no cache, per-row positions
+            assert (m(ids, input_pos=torch.arange(14).expand(2, 14)) - full).abs().max() < 1e-5
+            # cache, contiguous: a prefill in chunks (start > 0, T > 1), then one token
+            cache = m.new_cache(2, 32)
+            parts = [m(ids[:, :4], input_pos=0, cache=cache), m(ids[:, 4:13], input_pos=4, cache=cache),
+                     m(ids[:, 13:], input_pos=13, cache=cache)]
+            assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+            # cache, row-addressed: an int start with `slots`, then per-row positions with cache_len given
+            cache = m.new_cache(3, 32)
+            rows = torch.tensor([2, 0])
+            parts = [m(ids[:, :9], input_pos=0, cache=cache, slots=rows),
+                     m(ids[:, 9:], input_pos=torch.arange(9, 14).expand(2, 5), cache=cache, slots=rows, cache_len=14)]
+            assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
 def test_sliding_window_masks_far_keys():
     m = _model(sliding_window=4)
     ids = torch.randint(0, m.cfg.vocab_size, (1, 12))

@@ -149,6 +149,7 @@ class GenerateConfig:
     dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     compile: bool = opt(False, "torch.compile the decode step (slow to start, faster per token)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    max_len: int | None = opt(None, "context length: prompt + new tokens (default: the model's max_seq_len)")
 
 
 def read_prompt(prompt: str) -> str:
@@ -181,7 +182,7 @@ def run(cfg: GenerateConfig) -> int:
     else:
         ids = completion_ids(tok, prompt)
     params = cfg.sampling.params(cfg.max_new_tokens)
-    engine = Engine(lm.model, max_batch=1, eos_ids=lm.eos_ids, compile=cfg.compile)
+    engine = Engine(lm.model, max_batch=1, max_len=cfg.max_len, eos_ids=lm.eos_ids, compile=cfg.compile)
     gen = engine.submit(ids, params)
     engine.start()
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from lmforge.model.config import ModelConfig
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by part. `total` counts tied embeddings once."""
-    d, hd, L = cfg.hidden_size, cfg.hd, cfg.n_layers
+    d, hd, L = cfg.hidden_size, cfg.head_size, cfg.n_layers
     q = d * cfg.n_heads * hd + (cfg.n_heads * hd if cfg.qkv_bias else 0)
     kv = 2 * (d * cfg.n_kv_heads * hd + (cfg.n_kv_heads * hd if cfg.qkv_bias else 0))
     o = cfg.n_heads * hd * d
@@ -41,17 +41,17 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def flops_per_token_forward(cfg: ModelConfig, context: int) -> float:
     """Forward FLOPs for one token that attends to `context` positions."""
-    return 2 * matmul_params(cfg) + 4 * cfg.n_layers * cfg.n_heads * cfg.hd * context
+    return 2 * matmul_params(cfg) + 4 * cfg.n_layers * cfg.n_heads * cfg.head_size * context
 
 
 def flops_per_token_train(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token at sequence length seq_len: 6N + 12 L H Q T."""
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.hd * seq_len
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
 
 
 def flops_prefill(cfg: ModelConfig, prompt_len: int) -> float:
     """Forward FLOPs to prefill a prompt (causal: token i attends to i+1 positions)."""
-    return 2 * matmul_params(cfg) * prompt_len + 4 * cfg.n_layers * cfg.n_heads * cfg.hd * prompt_len * (prompt_len + 1) / 2
+    return 2 * matmul_params(cfg) * prompt_len + 4 * cfg.n_layers * cfg.n_heads * cfg.head_size * prompt_len * (prompt_len + 1) / 2
 
 
 def flops_per_token_decode(cfg: ModelConfig, context: int) -> float:
@@ -60,7 +60,7 @@ def flops_per_token_decode(cfg: ModelConfig, context: int) -> float:
 
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2) -> float:
     """KV-cache bytes one token occupies: keys and values for every layer."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.hd * bytes_per_value
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_size * bytes_per_value
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, bytes_per_value: float = 2) -> float:
@@ -116,7 +116,7 @@ def training_memory_bytes(cfg: ModelConfig, tokens_per_step: int, method: str = 
 
 def lora_param_count(cfg: ModelConfig, rank: int, targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")) -> int:
     """Adapter parameters for LoRA of `rank` on the named projections of every layer: r * (in + out) each."""
-    d, hd, inter = cfg.hidden_size, cfg.hd, cfg.intermediate_size
+    d, hd, inter = cfg.hidden_size, cfg.head_size, cfg.intermediate_size
     shapes = {"q": (d, cfg.n_heads * hd), "k": (d, cfg.n_kv_heads * hd), "v": (d, cfg.n_kv_heads * hd),
               "o": (cfg.n_heads * hd, d), "gate": (d, inter), "up": (d, inter), "down": (inter, d)}
     return cfg.n_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)

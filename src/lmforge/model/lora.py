@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import memory
 
 # short name -> the projection's module name (HF Llama layout)
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -100,10 +101,10 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
     seed: makes the A initialisation reproducible without touching the global RNG.
     layers: restrict to these layer indices (PEFT's layers_to_transform); None = all layers.
     """
-    if rank <= 0:
-        raise LmforgeError(f"LoRA rank must be a positive integer, got {rank}")
-    if alpha <= 0:
-        raise LmforgeError(f"LoRA alpha must be positive, got {alpha}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise LmforgeError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not math.isfinite(alpha) or alpha <= 0:  # NaN passes `alpha <= 0`, then poisons every output
+        raise LmforgeError(f"LoRA alpha must be a finite positive number, got {alpha}")
     if not 0 <= dropout < 1:
         raise LmforgeError(f"LoRA dropout must be in [0, 1), got {dropout}")
     names = set(resolve_targets(targets))
@@ -120,6 +121,7 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
         chosen.append(name)
     if not chosen:
         raise LmforgeError(f"no projection named {sorted(names)} found in the model; nothing to adapt")
+    _ensure_fits(model, chosen, rank)
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -131,6 +133,18 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, rank:
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha, dropout, use_rslora))
     return chosen
+
+
+def _ensure_fits(model: nn.Module, names: list[str], rank: int) -> None:
+    """Refuse a rank whose factors cannot be allocated, before allocating (torch's own error names no cause)."""
+    mods = [model.get_submodule(n) for n in names]
+    w = mods[0].weight
+    need = sum(rank * (m.in_features + m.out_features) for m in mods) * w.element_size()
+    free = memory.available_bytes(w.device)
+    if free is not None and need > free:
+        raise LmforgeError(f"LoRA rank {rank} on {len(mods)} projections needs {memory.format_bytes(need)} for its "
+                           f"factors, but {w.device} has {memory.format_bytes(free)} free; use a smaller rank "
+                           f"(r is usually 4 to 64)")
 
 
 def _layer_index(name: str) -> int | None:

@@ -1,12 +1,13 @@
-"""The Llama-family decoder: RMSNorm, RoPE (with Llama 3.1 scaling), grouped-query attention through
-scaled_dot_product_attention, SwiGLU MLP, and a preallocated KV cache. Nothing else: LoRA, quantization,
+"""The Llama-family decoder: RMSNorm, RoPE (with Llama 3.1, linear and YaRN scaling), grouped-query attention
+through scaled_dot_product_attention, SwiGLU MLP, and a preallocated KV cache. Nothing else: LoRA, quantization,
 parallelism and checkpoints wrap or load this model from outside.
 
 Module names follow Hugging Face's Llama layout (model.layers.N.self_attn.q_proj, ...) so that a state dict
 maps 1:1 onto model.safetensors and PEFT adapter keys line up; checkpoint.py still owns the translation of
 config.json. Weights use HF's rotate-half RoPE convention, so HF checkpoints load with no permutation.
 
-Shapes: B batch, T new tokens, L attended length, H query heads, K kv heads, D head_dim, C hidden size.
+Shapes: B batch, T new tokens, L attended length, H query heads, K kv heads, D head size (cfg.head_size), C hidden
+size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.model import accounting, memory
+from lmforge.model.config import ModelConfig, rope_type
 
 
 class RMSNorm(nn.Module):
@@ -36,11 +39,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies (RoFormer, Su et al. 2021), with Llama 3.1's band-wise scaling if configured."""
-    d = cfg.hd
+    """Rotary inverse frequencies [D/2] (RoFormer, Su et al. 2021), scaled as cfg.rope_scaling says.
+
+    llama3: Llama 3.1's band-wise scaling; linear: position interpolation (Chen et al. 2023); yarn: YaRN
+    (Peng et al. 2023), as transformers' `_compute_yarn_parameters` computes it (its cos/sin factor is
+    `rope_attention_factor`). ModelConfig.validate has already refused other types and bad values.
+    """
+    d = cfg.head_size
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type"))
+    kind = rope_type(rs)
     if kind == "llama3":
         factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
         old_ctx = rs.get("original_max_position_embeddings", 8192)
@@ -53,9 +61,54 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind == "linear":
         inv_freq = inv_freq / rs["factor"]
-    elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+    elif kind == "yarn":
+        factor, old_ctx = _yarn_factor(cfg)
+        # Dimensions that turn fewer than beta_slow times over the original context are interpolated (divided by
+        # factor), those that turn more than beta_fast times keep their frequency, with a linear ramp between.
+        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+        def dim_for(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times
+            return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        low, high = dim_for(beta_fast), dim_for(beta_slow)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # as HF: avoid dividing by zero
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1 = extrapolate (original frequency), 0 = interpolate
+        inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
     return inv_freq
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (so attention logits by its square); 1 for other RoPE types.
+
+    attention_factor if given; else DeepSeek's mscale ratio when mscale and mscale_all_dim are both given;
+    else YaRN's 0.1 ln(factor) + 1 (Peng et al. 2023, eq. 22).
+    """
+    rs = cfg.rope_scaling or {}
+    if rope_type(rs) != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+    factor, _ = _yarn_factor(cfg)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rs.get("mscale") and rs.get("mscale_all_dim"):
+        return mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
+    return mscale(factor)
+
+
+def _yarn_factor(cfg: ModelConfig) -> tuple[float, int]:
+    """(factor, original context): factor defaults to max_position_embeddings / original, as in HF."""
+    rs = cfg.rope_scaling or {}
+    old_ctx = rs.get("original_max_position_embeddings") or cfg.max_seq_len
+    factor = rs.get("factor")
+    return (float(factor) if factor is not None else cfg.max_seq_len / old_ctx), old_ctx
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -72,49 +125,64 @@ class KVCache:
 
     Each slot holds one sequence. A forward with `input_pos` writes its new keys/values at those positions
     and attends to positions <= its own, so stale entries from a slot's previous occupant are never read.
+    A cache the device cannot hold is refused up front with an LmforgeError that says how to shrink it:
+    torch zero-fills CPU memory page by page, so an oversized cache would otherwise swap or meet the OOM killer.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (slots, cfg.n_kv_heads, max_len, cfg.hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        shape = (slots, cfg.n_kv_heads, max_len, cfg.head_size)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        need = int(accounting.kv_cache_bytes(cfg, max_len, slots, itemsize))
+        free = memory.available_bytes(device)
+        if free is not None and need > free:
+            raise LmforgeError(_cache_too_big(cfg, slots, max_len, need, free, itemsize, device))
+        try:
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            raise LmforgeError(_cache_too_big(cfg, slots, max_len, need, memory.available_bytes(device),
+                                              itemsize, device)) from None
         self.slots, self.max_len = slots, max_len
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def _cache_too_big(cfg: ModelConfig, slots: int, max_len: int, need: int, free: int | None, itemsize: int,
+                   device) -> str:
+    where = str(device or "cpu")
+    have = f"{memory.format_bytes(free)} free" if free is not None else "not enough free"
+    fits = int(free // accounting.kv_cache_bytes(cfg, 1, slots, itemsize)) if free else 0
+    hint = (f"about {fits} positions fit here" if fits >= 2 else "no context fits in what is free")
+    return (f"the KV cache for {slots} sequence(s) of {max_len} positions needs {memory.format_bytes(need)} "
+            f"({need} bytes), but {where} has {have}; the model's context (max_position_embeddings) is "
+            f"{cfg.max_seq_len}. Lower the context with --max-len N ({hint}), or serve fewer sequences at once "
+            f"with --max-batch")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.hd, cfg.hidden_size, bias=False)
+        self.n_heads, self.n_kv, self.head_size = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, ctx: _Context, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # B H T D
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # B K T D
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # B H T D
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # B K T D
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.write_and_read(layer, k, v)  # B K L D
-        if self.n_kv != self.n_heads:
-            if _HAS_GQA:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                                   enable_gqa=True)
-            else:  # torch < 2.5
-                rep = self.n_heads // self.n_kv
-                y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                                   attn_mask=ctx.mask, is_causal=ctx.is_causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
-
-
-_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+        # enable_gqa: each group of H/K query heads reads one kv head, without repeating k and v (torch >= 2.5)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
 
 
 class MLP(nn.Module):
@@ -188,8 +256,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # a plain attribute, not a buffer: Module.to(bfloat16) must not round the rotary frequencies
+        # plain attributes, not buffers: Module.to(bfloat16) must not round the rotary frequencies
         self.inv_freq = rope_inv_freq(cfg)
+        self.rope_scale = rope_attention_factor(cfg)  # YaRN's cos/sin factor; 1 otherwise
         self.activation_checkpointing = False
 
     # ---- construction -------------------------------------------------------------------------------
@@ -216,7 +285,10 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # B T D/2 (or T D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        cos, sin = cos.to(dtype), sin.to(dtype)
         if cos.dim() == 2:
             return cos[None, None], sin[None, None]  # 1 1 T D
         return cos[:, None], sin[:, None]  # B 1 T D
@@ -229,6 +301,56 @@ class Transformer(nn.Module):
         if self.cfg.sliding_window and L > self.cfg.sliding_window:
             ok = ok & (j > qp - self.cfg.sliding_window)
         return ok[:, None] if ok.dim() == 3 else ok[None, None]
+
+    def _attention_plan(self, B: int, T: int, positions: torch.Tensor, per_row: bool, start: int,
+                        cache: KVCache | None, slots: torch.Tensor | None, mask: torch.Tensor | None,
+                        cache_len: int | None) -> _Context:
+        """How every layer's attention runs in this forward: which cache rows it writes, how many keys L it reads,
+        and its mask. Decided once here so that the layers only follow it.
+
+        | cache | positions                        | keys L                    | mask, unless one is given           |
+        |-------|----------------------------------|---------------------------|-------------------------------------|
+        | no    | per-row tensor [B, T]            | T                         | window mask of the positions        |
+        | no    | contiguous                       | T                         | window mask if the sliding window   |
+        |       |                                  |                           | is shorter than T, else is_causal   |
+        |       |                                  |                           | (T > 1) or none (T = 1)             |
+        | yes   | per-row tensor, or `slots` given | cache_len or max(pos) + 1 | window mask of the positions        |
+        | yes   | contiguous from start            | start + T                 | window mask if the sliding window   |
+        |       |                                  |                           | is shorter than L; else is_causal   |
+        |       |                                  |                           | (start = 0, T > 1), none (T = 1:    |
+        |       |                                  |                           | one query sees every key) or window |
+        |       |                                  |                           | mask (start > 0, T > 1)             |
+
+        "Window mask" (`_window_mask`) lets a query at position p see keys j with p - window < j <= p (just j <= p
+        without a sliding window). Without a cache the keys are the T new tokens taken to sit at 0..T-1, so packed
+        documents (positions restarting per document) bring their own mask. A given `mask` is used as it is. `is_causal` and "none" are the cheap forms
+        scaled_dot_product_attention takes without materialising a mask.
+        """
+        window = self.cfg.sliding_window
+        if cache is None:
+            if mask is None:
+                if per_row or (window and T > window):
+                    mask = self._window_mask(positions, T)
+            return _Context(None, slots, start, None, mask, mask is None and T > 1, T)
+        if per_row or slots is not None:  # row-addressed: per-row positions (int start broadcast to every row)
+            pos = positions if per_row else positions[None].expand(B, T)
+            length = cache_len if cache_len is not None else int(pos.max()) + 1
+            self._check_fits(length, cache)
+            return _Context(cache, slots, start, pos, mask if mask is not None else self._window_mask(pos, length),
+                            False, length)
+        length = start + T
+        self._check_fits(length, cache)
+        cut = bool(window and length > window)  # some key falls outside a query's window
+        if mask is None and (T > 1 or cut):
+            if start == 0 and not cut:
+                return _Context(cache, None, start, None, None, True, length)
+            mask = self._window_mask(positions, length)
+        return _Context(cache, None, start, None, mask, False, length)
+
+    @staticmethod
+    def _check_fits(length: int, cache: KVCache) -> None:
+        if length > cache.max_len:
+            raise ValueError(f"sequence of {length} positions exceeds the KV cache ({cache.max_len})")
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | int | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -246,52 +368,20 @@ class Transformer(nn.Module):
             a graph break under torch.compile); computed from input_pos otherwise.
         """
         B, T = idx.shape
-        dev = idx.device
-        pos_tensor = None
-        start = 0
-        if isinstance(input_pos, torch.Tensor):
-            pos_tensor = input_pos
-        elif input_pos is not None:
-            start = int(input_pos)
-        positions = pos_tensor if pos_tensor is not None else torch.arange(start, start + T, device=dev)
+        per_row = isinstance(input_pos, torch.Tensor)
+        start = 0 if per_row or input_pos is None else int(input_pos)
+        positions = input_pos if per_row else torch.arange(start, start + T, device=idx.device)
+
         x = self.model.embed_tokens(idx)
         cos, sin = self._rope(positions, x.dtype)
-
-        is_causal = False
-        length = T
-        if cache is not None:
-            if pos_tensor is not None or slots is not None:
-                if pos_tensor is None:
-                    pos_tensor = positions[None].expand(B, T)
-                length = cache_len if cache_len is not None else int(pos_tensor.max()) + 1
-            else:
-                length = start + T
-            if length > cache.max_len:
-                raise ValueError(f"sequence of {length} positions exceeds the KV cache ({cache.max_len})")
-            if mask is None:
-                if pos_tensor is not None:
-                    mask = self._window_mask(pos_tensor, length)
-                elif T > 1 or (self.cfg.sliding_window and length > self.cfg.sliding_window):
-                    if start == 0 and not (self.cfg.sliding_window and length > self.cfg.sliding_window):
-                        is_causal = True
-                    else:
-                        mask = self._window_mask(positions, length)
-        elif mask is None:
-            if pos_tensor is not None:
-                mask = self._window_mask(pos_tensor, T)
-            elif self.cfg.sliding_window and T > self.cfg.sliding_window:
-                mask = self._window_mask(positions, T)
-            else:
-                is_causal = T > 1
-        ctx = _Context(cache, slots, start, pos_tensor if cache is not None else None, mask, is_causal, length)
-
+        ctx = self._attention_plan(B, T, positions, per_row, start, cache, slots, mask, cache_len)
         for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx, i)
         if logits_index is not None:
-            x = x[torch.arange(B, device=dev), logits_index][:, None]  # B 1 C
+            x = x[torch.arange(B, device=idx.device), logits_index][:, None]  # B 1 C
         x = self.model.norm(x)
         if return_hidden:
             return x

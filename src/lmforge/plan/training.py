@@ -47,7 +47,7 @@ def training_flops(shape: Shape, tokens: float, seq_len: int, method: str = "ful
         per_token, attention = factor * shape.params, 0.0
     else:
         cfg = shape.cfg
-        attention = 12.0 * cfg.n_layers * cfg.n_heads * cfg.hd * seq_len
+        attention = 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
         per_token = factor * accounting.matmul_params(cfg) + attention
     return {"total": per_token * tokens, "per_token": per_token, "attention_per_token": attention,
             "matmul_factor": factor}
