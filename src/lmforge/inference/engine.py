@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.inference.constrain import Constraint, allowed_tokens
 from lmforge.inference.sampling import PenaltyState, SamplingParams, logprobs_of, sample
 
 log = logging.getLogger("lmforge.engine")
@@ -95,6 +96,7 @@ class Generation:
         self._last = -1  # the token to feed at the next decode step
         self._cancel = False
         self._penalty: PenaltyState | None = None
+        self._constraint: Constraint | None = None  # the grammar's state, when params.grammar is set
         self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self._notify = None  # (asyncio loop, asyncio.Event) of an async consumer
 
@@ -222,6 +224,7 @@ class Engine:
                 f"This model's maximum context length is {self.max_len} tokens, however the prompt has {len(ids)} "
                 f"tokens (at least one more is needed to generate). Shorten the prompt.", len(ids), self.max_len)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        constraint = params.grammar.start() if params.grammar is not None else None  # here, not in the loop
         with self._cond:
             if self._stopping:
                 raise LmforgeError("the engine has been stopped")
@@ -229,6 +232,7 @@ class Engine:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
             rng = random.Random(params.seed if params.seed is not None else self._seed_rng.getrandbits(64))
             gen = Generation(self, next(self._ids), ids, params, stop_ids, rng)
+            gen._constraint = constraint
             self._waiting.append(gen)
             self.stats.requests_total += 1
             self.stats.queue_length = len(self._waiting)
@@ -405,7 +409,10 @@ class Engine:
         """Sample one token per row from logits [R, V], hand out events, finish and free what is done."""
         logits = logits.float()
         params = [g.params for g in rows]
-        ids = sample(logits, params, [g._rng for g in rows], [g._penalty for g in rows])
+        constraints = [g._constraint for g in rows]
+        # a grammar's mask only where a row has one: unconstrained batches pay one any() per step
+        allowed = allowed_tokens(constraints, logits.shape[-1], logits.device) if any(constraints) else None
+        ids = sample(logits, params, [g._rng for g in rows], [g._penalty for g in rows], allowed)
         lp_rows = [i for i, p in enumerate(params) if p.logprobs]
         lp: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
         if lp_rows:
@@ -434,8 +441,16 @@ class Engine:
                     self.stats.ttft_hist[b] += 1
             self.stats.generation_tokens_total += 1
             reason = None
+            if g._constraint is not None:
+                try:
+                    g._constraint.advance(tok)
+                except LmforgeError as e:
+                    self._finish(g, "error", error=str(e))
+                    continue
             if tok in g._stop_ids:
                 reason = "stop"
+            elif g._constraint is not None and g._constraint.finished:
+                reason = "stop"  # the grammar is complete: nothing more may follow
             elif len(g.output_ids) >= g.params.max_tokens or len(g.prompt_ids) + len(g.output_ids) >= self.max_len:
                 reason = "length"  # prompt + output may not exceed the context
             logprob, alts = lp.get(i, (None, None))

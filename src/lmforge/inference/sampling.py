@@ -21,6 +21,7 @@ Decisions, after HF transformers, vLLM and llama.cpp:
   per-row Python work is one float. Rows without a seed draw from the engine's shared stream.
 - logprobs are of the model's raw distribution (log_softmax of the logits before any processing), as vLLM
   reports them by default; the chosen token's logprob plus the `top_logprobs` most likely alternatives.
+- A grammar's mask (constrain.py) comes first of all: disallowed ids get -inf, then the order above.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,6 +55,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: Any = None  # a constrain.Grammar: only the tokens it allows may be sampled (None = free)
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise LmforgeError naming the first value out of range; return self."""
@@ -171,9 +174,14 @@ def draw(probs: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], rngs: list[random.Random],
-           penalty_states: list[PenaltyState | None]) -> torch.Tensor:
-    """Next ids [B] for logits [B, V] (float32), one SamplingParams / random stream / penalty state per row."""
+           penalty_states: list[PenaltyState | None], allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Next ids [B] for logits [B, V] (float32), one SamplingParams / random stream / penalty state per row.
+
+    allowed: bool [B, V] from a grammar (constrain.py), or None: a disallowed id's logit becomes -inf before
+    any processing, so penalties, temperature and the top-k/top-p/min-p cuts see only what the grammar allows."""
     B = logits.shape[0]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     pen_rows = [i for i in range(B) if penalty_states[i] is not None and params[i].needs_penalties]
     if pen_rows:
         logits = logits.clone()

@@ -35,9 +35,28 @@ from lmforge.errors import LmforgeError
 # ChatML (https://github.com/openai/openai-python/blob/release-v0.28.0/chatml.md), as Qwen2 uses it: no BOS, every
 # turn is `<|im_start|>ROLE\nCONTENT<|im_end|>\n`, and a generation prompt opens an assistant turn. An assistant
 # turn therefore ends with <|im_end|>, which inference treats as a stop token. Content may be a string or a list of
-# OpenAI-style parts, of which the text parts are joined.
+# OpenAI-style parts, of which the text parts are joined. With `tools`, it writes Qwen2.5's Hermes-style tool
+# prompt (function signatures in <tools>, calls as <tool_call> JSON blocks, results as <tool_response> in a user
+# turn), so models lmforge trains learn the format inference/tools.py parses; without tools the text is ChatML.
 DEFAULT_CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] is string -%}"
+    "{{- messages[0]['content'] + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'"
+    " + 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '"
+    " + 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
+    " + '{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' and message['content'] is string -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + (message['content'] if message['content'] is string else '')"
+    " + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['content'] is string -%}"
     "{{- message['content'] -}}"
@@ -46,7 +65,18 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined -%}"
+    "{%- for call in message['tool_calls'] if (call['function'] is defined and call['function']['name'] is defined)"
+    " or call['name'] is defined -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- if not loop.first or (message['content'] is string and message['content']) -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' -}}"
+    "{{- fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -}}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
