@@ -129,9 +129,13 @@ def completion_ids(tokenizer, prompt: str) -> list[int]:
     return need_tokenizer(tokenizer).encode(prompt, add_special_tokens=True)
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat messages through the tokenizer's chat template, with the assistant turn opened."""
-    text = need_tokenizer(tokenizer, "chat").apply_chat_template(messages, add_generation_prompt=True)
+def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Chat messages (and the tools the model may call, OpenAI's shape) through the tokenizer's chat template,
+    with the assistant turn opened. A call's arguments given as JSON text reach the template as an object."""
+    from lmforge.inference.tools import prepare_messages
+
+    text = need_tokenizer(tokenizer, "chat").apply_chat_template(prepare_messages(messages),
+                                                                 add_generation_prompt=True, tools=tools)
     return tokenizer.encode(text, add_special_tokens=False)  # the template writes its own BOS, as HF does
 
 

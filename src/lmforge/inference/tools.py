@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.inference.constrain import close_objects, schema_json
+from lmforge.inference.constrain import JSON_OPTIONS, close_objects, schema_json
 
 MAX_PARALLEL_CALLS = 8
 
@@ -181,7 +181,7 @@ class Mistral(ToolFormat):
     def grammar(self, bodies: list[str], parallel: bool, special: dict[str, int]) -> str:
         opener = f"<[{special[self.opener]}]>" if self.opener in special else '"[TOOL_CALLS]"'
         one = _any_of(bodies)
-        items = f'{{"type": "array", "items": {one}, "minItems": 1, "maxItems": ' \
+        items = f'{{{_LAYOUT}, "type": "array", "items": {one}, "minItems": 1, "maxItems": ' \
                 f'{MAX_PARALLEL_CALLS if parallel else 1}}}'
         return f'start: {opener} " " calls\ncalls: %json {items}\n'
 
@@ -189,8 +189,11 @@ class Mistral(ToolFormat):
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (Hermes(), Llama3(), Mistral())}
 
 
+_LAYOUT = '"x-guidance": ' + schema_json(JSON_OPTIONS)  # inline %json schemas take the JSON layout this way
+
+
 def _any_of(bodies: list[str]) -> str:
-    return bodies[0] if len(bodies) == 1 else '{"anyOf": [' + ", ".join(bodies) + "]}"
+    return '{' + _LAYOUT + ', "anyOf": [' + ", ".join(bodies) + "]}"
 
 
 def detect_format(template: str | None) -> ToolFormat | None:

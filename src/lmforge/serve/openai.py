@@ -5,7 +5,9 @@ reads like a recipe: read the body (request.py) -> check readiness and find the 
 ids -> max_tokens from the context left -> the request's SamplingParams (schemas.py) -> submit n choices ->
 hand them to the reply builder (reply.py), which streams or collects them. The routes own only what differs:
 chat renders messages through the model's chat template (with retrieval first when the model has a RAG index:
-its answers carry `sources`); completions take text, texts or token ids, and may echo the prompt.
+its answers carry `sources`; tools are shown to the template and calls parsed from the reply); completions
+take text, texts or token ids, and may echo the prompt. Both may be constrained (structured.py: response_format,
+structured_outputs, required or named tool calls).
 
 Defaults follow OpenAI: completions max_tokens 16; chat max_tokens = what the context leaves after the prompt.
 """
@@ -23,6 +25,7 @@ from lmforge.serve.reply import ChatShape, CompletionShape, Reply, respond, subm
 from lmforge.serve.request import budget, read_body, require_key, require_ready, served_model
 from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest
 from lmforge.serve.state import server
+from lmforge.serve.structured import chat_plan, completion_grammar
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -50,19 +53,22 @@ async def chat_completions(request: Request):
     tok = lm.tokenizer
     if tok is None:
         raise APIError(400, f"Model '{req.model}' has no tokenizer, so it cannot chat.", param="model")
-    ids, sources = await chat_prompt(req, tok, state.augment.get(req.model), engine.max_len)
+    plan = await chat_plan(req, lm, engine)
+    ids, sources = await chat_prompt(req, tok, state.augment.get(req.model), engine.max_len, plan.tools)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = req.sampling(budget(len(ids), requested, engine.max_len, "messages", None), req.logprobs,
-                          req.top_logprobs or 0)
+                          req.top_logprobs or 0).replace(grammar=plan.grammar)
     gens = submit(engine, [ids], params, req.n)
     return await respond(request, Reply(
-        ChatShape(tok, req.logprobs), req.model, gens, tok, req.stops, prompt_tokens=len(ids), stream=req.stream,
-        include_usage=req.include_usage, extra={} if sources is None else {"sources": sources}))
+        ChatShape(tok, req.logprobs, plan.tool_format), req.model, gens, tok, req.stops, prompt_tokens=len(ids),
+        stream=req.stream, include_usage=req.include_usage, extra={} if sources is None else {"sources": sources}))
 
 
-async def chat_prompt(req: ChatCompletionRequest, tok, augment, max_len: int) -> tuple[list[int], list | None]:
-    """The prompt's ids through the chat template, after retrieval when the model has a RAG hook (`augment`;
-    its sources are returned too). What the messages or the template get wrong is the client's input: a 400."""
+async def chat_prompt(req: ChatCompletionRequest, tok, augment, max_len: int,
+                      tools: list[dict] | None = None) -> tuple[list[int], list | None]:
+    """The prompt's ids through the chat template (with the tools it should show), after retrieval when the
+    model has a RAG hook (`augment`; its sources are returned too). What the messages or the template get
+    wrong is the client's input: a 400."""
     try:
         messages = [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
                      "content": m.text()} for m in req.messages]  # name, tool_calls, ... reach the template
@@ -70,7 +76,7 @@ async def chat_prompt(req: ChatCompletionRequest, tok, augment, max_len: int) ->
         if augment is not None:  # retrieval embeds the question: CPU work, off the event loop
             reserve = req.max_completion_tokens or req.max_tokens or max_len // 4
             messages, sources = await asyncio.to_thread(augment, messages, max(max_len - reserve, 1))
-        return chat_ids(tok, messages), sources
+        return chat_ids(tok, messages, tools), sources
     except (LmforgeError, ValueError) as e:
         raise APIError(400, f"Could not apply the chat template: {e}", param="messages") from None
     except Exception as e:  # a template's raise_exception (e.g. roles out of order)
@@ -88,7 +94,8 @@ async def completions(request: Request):
     if tok is None:
         raise APIError(400, f"Model '{req.model}' has no tokenizer, so it cannot return text.", param="model")
     max_tokens = min(budget(len(ids), req.max_tokens, engine.max_len, "prompt", 16) for ids in prompts)
-    params = req.sampling(max_tokens, req.logprobs is not None, req.logprobs or 0)
+    grammar = await completion_grammar(req, lm, engine)
+    params = req.sampling(max_tokens, req.logprobs is not None, req.logprobs or 0).replace(grammar=grammar)
     gens = submit(engine, prompts, params, req.n)
     echo = [tok.decode(ids) for ids in prompts] if req.echo else None
     return await respond(request, Reply(

@@ -9,7 +9,8 @@ first chunk of a stream).
 
 What differs between endpoints is only the wording of a choice: a `Shape` says how one finished choice, the
 opening of a streamed choice and one streamed delta look. ChatShape and CompletionShape are OpenAI's two;
-a new kind of answer (tool calls, prompt logprobs with echo, ...) is a new Shape or a field on one.
+a new kind of answer (prompt logprobs with echo, ...) is a new Shape or a field on one; tool calls are
+ChatShape's `tools` (the format to parse them in).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine, Generation, TokenEvent
 from lmforge.inference.generate import TextDelta, astream_text
 from lmforge.inference.sampling import SamplingParams
+from lmforge.inference.tools import ToolFormat, ToolStream
 from lmforge.serve import sse
 from lmforge.serve.errors import APIError, from_lmforge
 from lmforge.serve.logprobs import chat_logprobs, completion_logprobs
@@ -78,14 +80,31 @@ class Shape(Protocol):
     def deltas(self, i: int, d: TextDelta) -> list[dict]: ...
 
 
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ChatShape:
+    """OpenAI's chat wording. With a tool format, the reply's tool calls become `tool_calls` (arguments as JSON
+    text, finish_reason "tool_calls"); streamed, each call goes out once it is whole: a delta with its id,
+    type and name (arguments ""), then one with its arguments, as OpenAI's stream carries them."""
+
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def __init__(self, tokenizer, logprobs: bool):
-        self.tok, self.logprobs = tokenizer, logprobs
+    def __init__(self, tokenizer, logprobs: bool, tools: ToolFormat | None = None):
+        self.tok, self.logprobs, self.tools = tokenizer, logprobs, tools
+        self.streams: dict[int, ToolStream] = {}
 
     def choice(self, i: int, text: str, finish_reason: str, events: list[TokenEvent]) -> dict:
-        return {"index": i, "message": {"role": "assistant", "content": text},
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            content, calls = self.tools.parse(text)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": [
+                    {"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return {"index": i, "message": message,
                 "logprobs": chat_logprobs(self.tok, events) if self.logprobs else None, "finish_reason": finish_reason}
 
     def opening(self, i: int) -> dict | None:
@@ -94,11 +113,26 @@ class ChatShape:
     def deltas(self, i: int, d: TextDelta) -> list[dict]:
         events = generated(d.tokens)
         lp = chat_logprobs(self.tok, events) if self.logprobs and events else None
+        text, calls, reason = d.text, [], d.finish_reason
+        if self.tools is not None:
+            stream = self.streams.setdefault(i, ToolStream(self.tools))
+            text = stream.feed(d.text)
+            if d.finish_reason is not None:
+                rest, calls = stream.finish()
+                text += rest
+                if calls and reason == "stop":
+                    reason = "tool_calls"
         out = []
-        if d.text or lp:
-            out.append({"index": i, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": None})
-        if d.finish_reason is not None:
-            out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+        if text or lp:
+            out.append({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+        for k, c in enumerate(calls):
+            out.append({"index": i, "delta": {"tool_calls": [{"index": k, "id": call_id(), "type": "function",
+                                                              "function": {"name": c.name, "arguments": ""}}]},
+                        "logprobs": None, "finish_reason": None})
+            out.append({"index": i, "delta": {"tool_calls": [{"index": k, "function": {"arguments": c.arguments}}]},
+                        "logprobs": None, "finish_reason": None})
+        if reason is not None:
+            out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": reason})
         return out
 
 

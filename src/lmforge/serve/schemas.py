@@ -7,7 +7,9 @@ inference/sampling.py what the values mean, and to reply.py the responses (plain
 A new request field is declared here and read where it is used.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, `metadata`, ...). Beyond
-OpenAI's fields: vLLM's sampling extras top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids.
+OpenAI's fields: vLLM's sampling extras top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, and
+vLLM's `structured_outputs` object (json / regex / choice / grammar / json_object; its current form, which
+replaced the older guided_json, guided_regex, ... fields) on both generation routes.
 """
 
 from __future__ import annotations
@@ -75,6 +77,62 @@ class _Sampling(BaseModel):
             ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of json (a JSON Schema), regex, choice, grammar (Lark, in
+    llguidance's dialect), json_object."""
+
+    model_config = ConfigDict(extra="forbid")  # a field we do not enforce is refused, not ignored
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def given(self) -> list[str]:
+        return [k for k, v in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                               ("grammar", self.grammar), ("json_object", self.json_object or None))
+                if v is not None]
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ... reach the template untouched
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -97,12 +155,18 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("prompt")
     @classmethod
