@@ -90,6 +90,18 @@ class Embedder:
         with self._lock:
             return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
+    def encode_ids(self, ids_list: list[list[int]]) -> np.ndarray:
+        """Unit-length embeddings of sequences already in this encoder's token ids (special tokens as given)."""
+        import numpy as np
+        import torch
+
+        out = np.zeros((len(ids_list), self.dim), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            for i, ids in enumerate(ids_list):
+                hidden = self.model(input_ids=torch.tensor([ids[:self.max_length]])).last_hidden_state[0]  # T C
+                out[i] = torch.nn.functional.normalize(hidden.mean(0), dim=-1).float().numpy()
+        return out
+
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length embeddings of `texts`, in order. Texts longer than the window are truncated."""
         import numpy as np

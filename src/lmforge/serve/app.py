@@ -2,7 +2,8 @@
 
 Routes (each on a router of its own module): GET / (the chat page), GET /health, GET /metrics (site.py);
 GET /v1/models, POST /v1/chat/completions, POST /v1/completions (openai.py), streaming with SSE or not, n > 1,
-stop strings, logprobs, usage.
+stop strings, logprobs, usage, structured output and tool calls (structured.py); POST /v1/embeddings
+(embeddings.py); POST /tokenize and /detokenize (tokens.py).
 
 The server, module by module: state.py (ServerState, EngineOptions: what handlers read), request.py (the key,
 the body under a size limit, the model, the token budget), schemas.py (request bodies and their ranges),
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.inference.load import LoadedModel
-from lmforge.serve import openai, site
+from lmforge.serve import embeddings, openai, site, tokens
 from lmforge.serve.errors import APIError
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.reply import ClientGone
@@ -66,6 +67,8 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
     app.add_middleware(CountRequests, metrics=state.metrics)
     app.include_router(site.router)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
+    app.include_router(tokens.router)
     return app
 
 

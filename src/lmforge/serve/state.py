@@ -57,6 +57,7 @@ class ServerState:
     ready: bool = False
     load_error: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    embedder: object | None = None  # the sentence encoder of /v1/embeddings, loaded on its first request
 
     def add(self, models: dict[str, LoadedModel]) -> None:
         """Start an engine for each model (and open its retrieval index); then the server is ready."""
