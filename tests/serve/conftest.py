@@ -92,3 +92,19 @@ def client(live):
     import openai
 
     return openai.OpenAI(base_url=live.url + "/v1", api_key="sk-test", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def live_long(tmp_path_factory):
+    """A server over a tiny model with room for a tool prompt (2048 positions)."""
+    from lmforge.serve.app import create_app
+    from lmforge.serve.server import make_loader, parse_specs
+    from lmforge.serve.state import EngineOptions
+
+    d = make_model_dir(tmp_path_factory.mktemp("structured") / "tiny", max_seq_len=2048)
+    app = create_app(loader=make_loader(parse_specs([f"tiny={d}"], []), "float32", None), api_key="sk-test",
+                     engine=EngineOptions(max_batch=4))
+    server = LiveServer(app).start()
+    server.wait_ready()
+    yield server
+    server.stop()

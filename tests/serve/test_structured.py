@@ -10,8 +10,6 @@ import numpy as np
 import openai
 import pytest
 
-from tests.inference.tiny import make_model_dir
-from tests.serve.conftest import LiveServer
 from tests.serve.schemas import SCHEMAS
 
 KEY = {"Authorization": "Bearer sk-test"}
@@ -27,22 +25,6 @@ TOOLS = [
         "required": ["a", "b"]}}},
     {"type": "function", "function": {"name": "now"}},  # no parameters at all
 ]
-
-
-@pytest.fixture(scope="module")
-def live_long(tmp_path_factory):
-    """A server over a tiny model with room for a tool prompt (2048 positions)."""
-    from lmforge.serve.app import create_app
-    from lmforge.serve.server import make_loader, parse_specs
-    from lmforge.serve.state import EngineOptions
-
-    d = make_model_dir(tmp_path_factory.mktemp("structured") / "tiny", max_seq_len=2048)
-    app = create_app(loader=make_loader(parse_specs([f"tiny={d}"], []), "float32", None), api_key="sk-test",
-                     engine=EngineOptions(max_batch=4))
-    server = LiveServer(app).start()
-    server.wait_ready()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
