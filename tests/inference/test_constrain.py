@@ -9,8 +9,14 @@ import pytest
 from lmforge.inference.constrain import GrammarError, Vocabulary, close_objects
 from lmforge.inference.engine import Engine
 from lmforge.inference.sampling import SamplingParams
-from lmforge.inference.tools import (FORMATS, MAX_PARALLEL_CALLS, ToolStream, call_grammar, detect_format,
-                                     prepare_messages)
+from lmforge.inference.tools import (
+    FORMATS,
+    MAX_PARALLEL_CALLS,
+    ToolStream,
+    call_grammar,
+    detect_format,
+    prepare_messages,
+)
 from tests.inference.tiny import make_model_dir
 
 pytest.importorskip("llguidance")
