@@ -19,6 +19,10 @@ Speed decisions (CPU first; measured in benchmarks/bench_decode.py):
   - one host sync per step: `.tolist()` of the sampled ids; positions and lengths are kept host-side;
   - torch.inference_mode for the whole loop; optional torch.compile of the decode forward (`compile=True`).
 
+Constrained rows (SamplingParams.grammar, constrain.py): each gets its grammar's mask before sampling (one
+llguidance call fills every constrained row) and is advanced with its token after; it ends when the grammar
+is complete. A step with no constrained row pays one any() over the rows.
+
 Greedy output is the same whether a request runs alone or in a busy batch: every row's math is independent of
 the others (per-row positions and masks, per-row sampling). Logits agree to float rounding (~1e-6), so a
 token can differ only at an exact near-tie of the two best logits.
