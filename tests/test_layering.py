@@ -16,10 +16,11 @@ ALLOWED = {
     "tokenizer": set(),
     "data": {"tokenizer"},
     "checkpoint": {"model", "tokenizer"},
+    "gguf": {"model", "tokenizer"},  # beside checkpoint: llama.cpp's format as checkpoint.py is HF's
     "training": {"model", "data", "checkpoint", "tokenizer"},
     "pretrain": {"training", "model", "tokenizer", "data", "checkpoint"},
     "finetune": {"training", "model", "tokenizer", "data", "checkpoint"},
-    "inference": {"model", "tokenizer", "checkpoint"},
+    "inference": {"model", "tokenizer", "checkpoint", "gguf"},
     "serve": {"inference", "tokenizer", "rag"},  # the server grounds answers in an index (--rag)
     "rag": {"inference", "tokenizer"},
     "eval": {"inference", "data", "model", "checkpoint", "rag", "plan", "tokenizer"},
