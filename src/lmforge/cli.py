@@ -32,6 +32,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("eval perplexity", "lmforge.eval.perplexity:PerplexityConfig:run", "perplexity over a text file or prepared data, with a sliding window"),
     ("eval task", "lmforge.eval.task:TaskConfig:run", "accuracy on a JSONL task (exact / contains / choice), few-shot, RAG"),
     ("compare", "lmforge.eval.compare:CompareConfig:run", "run variants (base, few-shot, RAG, finetuned) on one task: accuracy, latency, cost"),
+    ("export gguf", "lmforge.inference.convert:ExportGGUFConfig:run_export_gguf", "write a model as one GGUF file for llama.cpp (f16, q8_0, q4_0, ...; --adapter merges a LoRA first)"),
+    ("export ollama", "lmforge.inference.convert:ExportOllamaConfig:run_export_ollama", "write a GGUF and an Ollama Modelfile; prints the `ollama create` line"),
+    ("import gguf", "lmforge.inference.convert:ImportConfig:run_import", "turn a GGUF file (any quant type) into a Hugging Face model directory"),
 ]
 
 

@@ -148,6 +148,7 @@ def run(cfg: CompareConfig) -> int:
     from lmforge.eval import task as task_mod
     from lmforge.eval.lm import EvalModel
     from lmforge.eval.report import write_json
+    from lmforge.inference.load import check_model
 
     if not cfg.task:
         raise LmforgeError("say which held-out examples to compare on: --task FILE.jsonl")
@@ -160,8 +161,7 @@ def run(cfg: CompareConfig) -> int:
     if len(set(names)) != len(names):
         raise LmforgeError(f"variant names must differ: {', '.join(names)}")
     for v in variants:
-        if not Path(v.model).is_dir():
-            raise LmforgeError(f"variant {v.name}: model directory {v.model} does not exist")
+        check_model(v.model, f"variant {v.name}: model")
     task_mod.load_examples(cfg.task)  # fail on a bad file before loading any model
     out = Path(cfg.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

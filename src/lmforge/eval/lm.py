@@ -41,10 +41,7 @@ class EvalModel:
         from lmforge.inference.load import load
 
         p = Path(path)
-        if not p.is_dir():
-            raise LmforgeError(f"model directory {p} does not exist; pass --model DIR (an HF model directory, e.g. "
-                               "runs/NAME/final)")
-        self.loaded = load(p, dtype=dtype or "float32")  # inference.load checks the name
+        self.loaded = load(p, dtype=dtype or "float32")  # a directory, a .gguf file or a packaged model name
         self.path = p
         try:
             self.model = self.loaded.model.to(device)

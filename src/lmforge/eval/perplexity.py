@@ -33,7 +33,8 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class PerplexityConfig:
-    model: str = opt("", help="model directory (HF format, e.g. runs/NAME/final)")
+    model: str = opt("", help="model directory (HF format, e.g. runs/NAME/final), a .gguf file or a packaged "
+                     "model name")
     data: str = opt("", help="text file (.txt/.md, or .jsonl with a 'text' field) or a prepared data directory")
     split: str = opt("val", help="split of a prepared data directory to score")
     window: int | None = opt(None, help="tokens per forward pass (default: the model's context length)")

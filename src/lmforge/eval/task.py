@@ -44,7 +44,8 @@ METRICS = ("exact", "contains", "choice")
 
 @dataclass
 class TaskConfig:
-    model: str = opt("", help="model directory (HF format, e.g. runs/NAME/final)")
+    model: str = opt("", help="model directory (HF format, e.g. runs/NAME/final), a .gguf file or a packaged "
+                     "model name")
     data: str = opt("", help="JSONL examples: {prompt, answer} or {question, choices, answer}")
     metric: str | None = opt(None, help="exact | contains | choice (default: choice for choice items, else exact)",
                              choices=[*METRICS])

@@ -27,7 +27,8 @@ HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply)"
 
 @dataclass
 class ChatConfig:
-    model: str = opt("", "model directory (Hugging Face layout, with a chat template)")
+    model: str = opt("", "model directory (Hugging Face layout, with a chat template), a .gguf file, or "
+                     "a packaged model name (smollm2-135m-instruct)")
     system: str = opt("", "system prompt")
     max_new_tokens: int = opt(512, "most tokens per reply")
     sampling: SamplingOptions = opt(default_factory=lambda: SamplingOptions(temperature=0.7))

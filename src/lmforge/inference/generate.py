@@ -142,7 +142,8 @@ def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -
 # ---- the `lmforge generate` verb ----------------------------------------------------------------------
 @dataclass
 class GenerateConfig:
-    model: str = opt("", "model directory (Hugging Face layout, as lmforge writes it)")
+    model: str = opt("", "model directory (Hugging Face layout, as lmforge writes it), a .gguf file, or a "
+                     "packaged model name (smollm2-135m-instruct)")
     prompt: str = opt("", "prompt text; '-' reads it from stdin (one trailing newline dropped)")
     max_new_tokens: int = opt(128, "most tokens to generate")
     sampling: SamplingOptions = opt(default_factory=SamplingOptions)

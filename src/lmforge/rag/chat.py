@@ -39,7 +39,8 @@ def make_augment(index_dir: str, tokenizer, top_k: int):
 def run(cfg: RagChatConfig) -> int:
     augment = None
     if cfg.rag:
+        from lmforge.inference.load import resolve_model
         from lmforge.tokenizer import Tokenizer
 
-        augment = make_augment(cfg.rag, Tokenizer.load(cfg.model), cfg.rag_top_k)
+        augment = make_augment(cfg.rag, Tokenizer.load(resolve_model(cfg.model, cfg.dtype)), cfg.rag_top_k)
     return run_chat(cfg, augment=augment)

@@ -20,7 +20,8 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class ServeConfig:
-    model: list[str] = opt(help="model directory to serve, as DIR or NAME=DIR (repeatable)", default_factory=list)
+    model: list[str] = opt(help="model to serve (a directory, a .gguf file or a packaged model name), as DIR or "
+                                "NAME=DIR (repeatable)", default_factory=list)
     adapter: list[str] = opt(help="LoRA adapter to serve, as NAME=BASE_NAME:ADAPTER_DIR (repeatable)",
                              default_factory=list)
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
@@ -42,6 +43,8 @@ class ServeConfig:
 
 def parse_specs(models: list[str], adapters: list[str]) -> list[tuple[str, Path, Path | None]]:
     """(name, model dir, adapter dir or None) for each served name; LmforgeError on anything unclear."""
+    from lmforge.inference.load import check_model
+
     if not models:
         raise LmforgeError("give at least one --model DIR (or NAME=DIR)")
     out: list[tuple[str, Path, Path | None]] = []
@@ -50,8 +53,7 @@ def parse_specs(models: list[str], adapters: list[str]) -> list[tuple[str, Path,
         name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
         p = Path(path)
         name = name or p.resolve().name
-        if not p.is_dir():
-            raise LmforgeError(f"--model {spec}: directory {p} does not exist")
+        check_model(p, f"--model {spec}:")  # a directory, a .gguf file or a packaged model name
         if name in bases:
             raise LmforgeError(f"two models are named {name!r}; name them with --model NAME=DIR")
         bases[name] = p
