@@ -393,14 +393,15 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, out: str | Path, out_ty
     arch = ARCHITECTURES[cfg.model_type]
     out = Path(out)
     report = ExportReport(path=out, out_type=out_type, pre_tokenizer=pre_tokenizer or "")
-    if arch == "qwen2" and cfg.hd * cfg.n_heads != cfg.hidden_size:
+    if arch == "qwen2" and cfg.head_size * cfg.n_heads != cfg.hidden_size:
         raise LmforgeError("llama.cpp's qwen2 graph needs head_dim * n_heads == hidden_size")
     if arch == "llama" and cfg.qkv_bias:
         report.warnings.append("q/k/v biases on a llama model: llama.cpp loads them (optional tensors)")
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type"))
     if kind not in (None, "default", "llama3", "linear"):
-        raise LmforgeError(f"rope scaling {kind!r} cannot be exported (lmforge writes llama3 and linear)")
+        raise LmforgeError(f"rope scaling {kind!r} is not exported to GGUF yet (lmforge writes llama3 and linear; "
+                           "llama.cpp's YaRN parameters have not been checked against lmforge's)")
     if kind == "llama3" and arch != "llama":
         raise LmforgeError("llama.cpp applies Llama 3.1 rope scaling (rope_freqs) to llama models only")
 
@@ -426,10 +427,10 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, out: str | Path, out_ty
         writer.add_head_count_kv(cfg.n_kv_heads)
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.hd)
-        if cfg.hd * cfg.n_heads != cfg.hidden_size:
-            writer.add_key_length(cfg.hd)
-            writer.add_value_length(cfg.hd)
+        writer.add_rope_dimension_count(cfg.head_size)
+        if cfg.head_size * cfg.n_heads != cfg.hidden_size:
+            writer.add_key_length(cfg.head_size)
+            writer.add_value_length(cfg.head_size)
         if kind == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rs["factor"]))
@@ -771,7 +772,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
     kind = key("rope.scaling.type")
     if kind not in (None, "none"):
         if kind != "linear":
-            raise LmforgeError(f"{p}: rope scaling {kind!r} is not supported (lmforge runs llama3 and linear)")
+            raise LmforgeError(f"{p}: rope scaling {kind!r} is not imported (lmforge reads llama3 and linear from "
+                               "GGUF)")
         scaling = {"rope_type": "linear", "factor": float(str(np.float32(key("rope.scaling.factor", 1.0))))}
     def f32(v: Any) -> float:
         return float(str(np.float32(v)))  # GGUF stores float32: 1e-05 comes back as 9.9999997e-06

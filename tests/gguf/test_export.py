@@ -55,7 +55,7 @@ def test_metadata_llama_cpp_reads(exported, family_dir):
     expect = {"llama.block_count": cfg.n_layers, "llama.embedding_length": cfg.hidden_size,
               "llama.feed_forward_length": cfg.intermediate_size, "llama.attention.head_count": cfg.n_heads,
               "llama.attention.head_count_kv": cfg.n_kv_heads, "llama.context_length": cfg.max_seq_len,
-              "llama.rope.dimension_count": cfg.hd, "llama.vocab_size": cfg.vocab_size}
+              "llama.rope.dimension_count": cfg.head_size, "llama.vocab_size": cfg.vocab_size}
     assert {k: meta[k] for k in expect} == expect
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
     assert meta["tokenizer.ggml.bos_token_id"] == tok.bos_id and meta["tokenizer.ggml.eos_token_id"] == tok.eos_id
@@ -130,11 +130,11 @@ def test_qk_rows_are_permuted_for_llama_only(exported, family_dir):
         cfg = model.cfg
         for hf, g, heads in (("q_proj", "attn_q", cfg.n_heads), ("k_proj", "attn_k", cfg.n_kv_heads)):
             w = model.state_dict()[f"model.layers.0.self_attn.{hf}.weight"].numpy()
-            want = w.reshape(heads, 2, cfg.hd // 2, -1).swapaxes(1, 2).reshape(w.shape) if permuted else w
+            want = w.reshape(heads, 2, cfg.head_size // 2, -1).swapaxes(1, 2).reshape(w.shape) if permuted else w
             assert np.array_equal(raw[f"blk.0.{g}.weight"], want)
             # row 1 of head 0 in llama.cpp's order is the partner of row 0: HF's row D/2
             if permuted:
-                assert np.array_equal(raw[f"blk.0.{g}.weight"][1], w[cfg.hd // 2])
+                assert np.array_equal(raw[f"blk.0.{g}.weight"][1], w[cfg.head_size // 2])
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])

@@ -182,7 +182,7 @@ def _sentencepiece_gguf(path, family_dir):
     for add, v in ((w.add_block_count, cfg.n_layers), (w.add_context_length, cfg.max_seq_len),
                    (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
                    (w.add_head_count, cfg.n_heads), (w.add_head_count_kv, cfg.n_kv_heads),
-                   (w.add_rope_dimension_count, cfg.hd), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
+                   (w.add_rope_dimension_count, cfg.head_size), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
                    (w.add_unk_token_id, 0)):
         add(v)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
