@@ -142,3 +142,70 @@ def test_bad_requests_raise_clear_errors(model):
     eng.submit([1, 2], GREEDY)
     with pytest.raises(QueueFull):
         eng.submit([1, 2], GREEDY)
+
+
+def test_prompt_logprobs_match_a_full_forward_chunked_and_batched(model):
+    """Each prompt token's logprob under the tokens before it, as one full forward gives it, while the prompt
+    prefills in chunks beside other requests; max_tokens 0 scores without generating."""
+    ps = prompts(4, seed=11)
+    eng = Engine(model, max_batch=3, prefill_chunk=8)
+    score = GREEDY.replace(max_tokens=0, prompt_logprobs=3)
+    gens = [eng.submit(ps[0], GREEDY), eng.submit(ps[1], score), eng.submit(ps[2], GREEDY.replace(prompt_logprobs=0)),
+            eng.submit(ps[3], GREEDY)]
+    while not all(g.done for g in gens):
+        eng.step()
+    assert gens[0].prompt_logprobs is None and gens[3].prompt_logprobs is None  # only when asked
+    assert gens[1].output_ids == [] and gens[1].finish_reason == "length"
+    assert gens[2].output_ids == reference_greedy(model, ps[2], 12)  # scoring leaves generation as it was
+    for g, k in ((gens[1], 3), (gens[2], 0)):
+        p = g.prompt_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p]))[0], -1)  # T V
+        lps = g.prompt_logprobs
+        assert [e.token for e in lps] == p and lps[0].logprob is None and lps[0].top_logprobs is None
+        for j in range(1, len(p)):
+            assert abs(lps[j].logprob - float(ref[j - 1, p[j]])) < 1e-4
+            if k:
+                assert [t for t, _ in lps[j].top_logprobs] == ref[j - 1].topk(k).indices.tolist()
+            else:
+                assert lps[j].top_logprobs is None
+    # max_tokens 0 may fill the whole context: nothing is generated after it
+    short = Engine(model, max_len=len(ps[1]))
+    g = short.submit(ps[1], score)
+    while not g.done:
+        short.step()
+    assert len(g.prompt_logprobs) == len(ps[1])
+    with pytest.raises(ContextLengthExceeded):
+        short.submit(ps[1], GREEDY)
+
+
+def test_a_failing_request_ends_alone_and_its_batch_goes_on(model):
+    """A request whose sampling (or prompt scoring) raises ends with an error event; every other request of the
+    busy batch gets exactly the tokens it gets alone. The bad values are set after submit, past validation:
+    they stand in for any bug one request's input could trigger in the step."""
+    ps = prompts(6, seed=13)
+    alone = [Engine(model, max_batch=1).generate([p], GREEDY)[0] for p in ps]
+    eng = Engine(model, max_batch=4, prefill_chunk=8)
+    gens = [eng.submit(p, GREEDY) for p in ps]
+    bad_sampling = eng.submit(ps[0], SamplingParams(temperature=0.8, max_tokens=12))
+    bad_sampling.params.temperature = "hot"  # not a number: the sampler's tensor of temperatures raises, mid-batch
+    bad_scoring = eng.submit(ps[1], GREEDY.replace(prompt_logprobs=1))
+    bad_scoring.params.prompt_logprobs = 10**6  # topk over more than the vocabulary: the prefill raises
+    while not all(g.done for g in gens + [bad_sampling, bad_scoring]):
+        eng.step()
+    for g in (bad_sampling, bad_scoring):
+        events = list(g)
+        assert g.finish_reason == "error" and events[-1].error
+    assert [g.finish_reason for g in gens] == ["length"] * 6
+    assert [g.output_ids for g in gens] == alone
+    assert eng.queue_stats() == {"waiting": 0, "running": 0}
+    assert eng.generate([ps[2]], GREEDY)[0] == alone[2]  # and the engine serves on
+
+
+def test_values_a_tensor_cannot_hold_are_refused(model):
+    eng = Engine(model)
+    for bad in (dict(top_k=2**63), dict(top_logprobs=True), dict(temperature=float("nan")), dict(seed=1.5),
+                dict(stop_token_ids=[1.0]), dict(prompt_logprobs=-1), dict(max_tokens=-1)):
+        with pytest.raises(LmforgeError, match=next(iter(bad))):
+            eng.submit([1, 2], SamplingParams(**bad))
+    assert eng.generate([[1, 2]], GREEDY.replace(top_k=10**9))[0] == eng.generate([[1, 2]], GREEDY)[0]

@@ -93,7 +93,7 @@ def test_penalties():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0),
-                                         ("max_tokens", 0), ("presence_penalty", 3.0), ("top_logprobs", 50),
+                                         ("max_tokens", -1), ("presence_penalty", 3.0), ("top_logprobs", 50),
                                          ("repetition_penalty", 0.0)])
 def test_out_of_range_values_are_named(field, value):
     with pytest.raises(LmforgeError, match=field):

@@ -23,6 +23,15 @@ Constrained rows (SamplingParams.grammar, constrain.py): each gets its grammar's
 llguidance call fills every constrained row) and is advanced with its token after; it ends when the grammar
 is complete. A step with no constrained row pays one any() over the rows.
 
+Prompt log-probabilities (`SamplingParams.prompt_logprobs`, vLLM's name; what scoring tools such as
+lm-evaluation-harness ask for) are computed only for the requests that ask: their prefill chunks return the
+logits of every position of the chunk ([T, V] for at most `prefill_chunk` tokens, never the whole prompt's),
+and each prompt token's logprob under the tokens before it lands in `Generation.prompt_logprobs` before the
+request's first event. `max_tokens=0` prefills (and scores) the prompt and generates nothing.
+
+One request's failure is its own: each request's prefill runs on its own, and a decode step that raises is
+retried row by row, so only the rows that fail alone end with an "error" event; the rest go on.
+
 Greedy output is the same whether a request runs alone or in a busy batch: every row's math is independent of
 the others (per-row positions and masks, per-row sampling). Logits agree to float rounding (~1e-6), so a
 token can differ only at an exact near-tie of the two best logits.
@@ -81,12 +90,16 @@ _WAITING, _PREFILL, _DECODE, _DONE = range(4)
 
 
 class Generation:
-    """Handle of one submitted request: iterate it (sync or async) for TokenEvents; cancel() to stop it."""
+    """Handle of one submitted request: iterate it (sync or async) for TokenEvents; cancel() to stop it.
+
+    prompt_logprobs (when the params ask for them): one TokenEvent per prompt token, its logprob under the
+    tokens before it (None for the first token) and the top alternatives; complete before the first event."""
 
     def __init__(self, engine: Engine, rid: int, prompt_ids: list[int], params: SamplingParams,
                  stop_ids: frozenset[int], rng: random.Random):
         self.engine, self.id, self.prompt_ids, self.params = engine, rid, prompt_ids, params
         self.output_ids: list[int] = []
+        self.prompt_logprobs: list[TokenEvent] | None = [] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
@@ -223,10 +236,12 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise LmforgeError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(ids) >= self.max_len:
+        room = self.max_len - (1 if params.max_tokens > 0 else 0)  # max_tokens 0: the prompt alone may fill it
+        if len(ids) > room:
+            more = " (at least one more is needed to generate)" if params.max_tokens > 0 else ""
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_len} tokens, however the prompt has {len(ids)} "
-                f"tokens (at least one more is needed to generate). Shorten the prompt.", len(ids), self.max_len)
+                f"tokens{more}. Shorten the prompt.", len(ids), self.max_len)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         constraint = params.grammar.start() if params.grammar is not None else None  # here, not in the loop
         with self._cond:
@@ -353,55 +368,74 @@ class Engine:
             if budget <= 0:
                 break
             t0 = time.perf_counter()
-            start = g._pos
-            chunk = g.prompt_ids[start:start + budget]
-            T = len(chunk)
-            last = start + T == len(g.prompt_ids)
-            idx = torch.tensor([chunk], device=self.device)
-            if g._slot == 0:  # rows 0..0 of the cache, contiguous positions: no index tensors
-                kw = dict(input_pos=start)
-            else:
-                kw = dict(input_pos=torch.arange(start, start + T, device=self.device)[None],
-                          slots=torch.tensor([g._slot], device=self.device), cache_len=start + T)
-            if last:
-                logits = self._forward(idx, cache=self.cache, logits_index=torch.tensor([T - 1], device=self.device),
-                                       **kw)[:, 0]  # 1 V
-            else:
-                self._forward(idx, cache=self.cache, return_hidden=True, **kw)  # fills the cache only
-            g._pos = start + T
-            budget -= T
+            try:  # a request's prefill is its own: its failure ends it alone
+                budget -= self._prefill_one(g, budget)
+            except Exception as e:
+                self._fail(g, e)
             self.stats.prefill_seconds += time.perf_counter() - t0
-            if last:
-                self.stats.prompt_tokens_total += len(g.prompt_ids)
+        return bool(todo)
+
+    def _prefill_one(self, g: Generation, budget: int) -> int:
+        """Prefill the next chunk (at most `budget` tokens) of g's prompt; returns the tokens it took."""
+        start = g._pos
+        chunk = g.prompt_ids[start:start + budget]
+        T = len(chunk)
+        last = start + T == len(g.prompt_ids)
+        idx = torch.tensor([chunk], device=self.device)
+        if g._slot == 0:  # rows 0..0 of the cache, contiguous positions: no index tensors
+            kw = dict(input_pos=start)
+        else:
+            kw = dict(input_pos=torch.arange(start, start + T, device=self.device)[None],
+                      slots=torch.tensor([g._slot], device=self.device), cache_len=start + T)
+        logits = None
+        if g.prompt_logprobs is not None:  # every position's logits, for this chunk only
+            all_logits = self._forward(idx, cache=self.cache, **kw)[0]  # T V
+            self._score_prompt(g, start, all_logits)
+            logits = all_logits[-1:]  # 1 V
+        elif last and g.params.max_tokens > 0:
+            logits = self._forward(idx, cache=self.cache, logits_index=torch.tensor([T - 1], device=self.device),
+                                   **kw)[:, 0]  # 1 V
+        else:
+            self._forward(idx, cache=self.cache, return_hidden=True, **kw)  # fills the cache only
+        g._pos = start + T
+        if last:
+            self.stats.prompt_tokens_total += len(g.prompt_ids)
+            if g.params.max_tokens == 0:  # the prompt alone was asked for (scored, with prompt_logprobs)
+                self._finish(g, "length")
+            else:
                 g._state = _DECODE
                 self._emit([g], logits)
-        return bool(todo)
+        return T
+
+    def _score_prompt(self, g: Generation, start: int, logits: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens that the chunk's positions predict: logits [T, V] at
+        positions start..start+T-1 score tokens start+1..start+T (those still inside the prompt)."""
+        k = g.params.prompt_logprobs or 0
+        if start == 0:
+            g.prompt_logprobs.append(TokenEvent(g.prompt_ids[0]))  # nothing before it: no logprob (OpenAI: null)
+        targets = g.prompt_ids[start + 1:start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        chosen, vals, tids = logprobs_of(logits[:len(targets)], torch.tensor(targets, device=logits.device), k)
+        chosen_l = chosen.tolist()
+        tops = list(zip(tids.tolist(), vals.tolist())) if vals is not None else None
+        for j, t in enumerate(targets):
+            alts = list(zip(*tops[j])) if tops is not None else None
+            g.prompt_logprobs.append(TokenEvent(t, chosen_l[j], alts))
 
     def _decode(self) -> bool:
         rows = [g for g in self._slots if g is not None and g._state == _DECODE]
         if not rows:
             return False
         t0 = time.perf_counter()
-        n = max(g._slot for g in rows) + 1
-        if n == 1:  # single-stream fast path
-            g = rows[0]
-            logits = self._decode_forward(torch.tensor([[g._last]], device=self.device), input_pos=g._pos,
-                                          cache=self.cache)[:, -1]  # 1 V
-        else:
-            toks, pos = [0] * n, [0] * n
-            for i, other in enumerate(self._slots[:n]):
-                if other is not None:  # a prefilling row writes a dummy at its own next position (overwritten later)
-                    pos[i] = other._pos
-            for g in rows:
-                toks[g._slot], pos[g._slot] = g._last, g._pos
-            logits = self._decode_forward(torch.tensor(toks, device=self.device)[:, None],
-                                          input_pos=torch.tensor(pos, device=self.device)[:, None],
-                                          cache=self.cache, cache_len=max(pos) + 1)[:, -1]  # n V
-            if len(rows) != n:
-                logits = logits[torch.tensor([g._slot for g in rows], device=self.device)]
+        try:
+            picks = self._pick(rows, self._decode_logits(rows))
+        except Exception:  # one row's input (or a bug it triggers) must not fail its neighbours: retry alone
+            log.warning("batched decode step failed; retrying its %d rows one by one", len(rows), exc_info=True)
+            rows, picks = self._decode_alone(rows)
         for g in rows:
             g._pos += 1
-        self._emit(rows, logits)
+        self._deliver(rows, picks)
         dt = time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_seconds += dt
@@ -409,8 +443,50 @@ class Engine:
         self.stats.last_tokens_per_s = len(rows) / dt if dt > 0 else 0.0
         return True
 
+    def _decode_logits(self, rows: list[Generation]) -> torch.Tensor:
+        """One batched decode forward: the next-token logits [R, V] of the decoding rows."""
+        n = max(g._slot for g in rows) + 1
+        if n == 1:  # single-stream fast path
+            g = rows[0]
+            return self._decode_forward(torch.tensor([[g._last]], device=self.device), input_pos=g._pos,
+                                        cache=self.cache)[:, -1]  # 1 V
+        toks, pos = [0] * n, [0] * n
+        for i, other in enumerate(self._slots[:n]):
+            if other is not None:  # a prefilling row writes a dummy at its own next position (overwritten later)
+                pos[i] = other._pos
+        for g in rows:
+            toks[g._slot], pos[g._slot] = g._last, g._pos
+        logits = self._decode_forward(torch.tensor(toks, device=self.device)[:, None],
+                                      input_pos=torch.tensor(pos, device=self.device)[:, None],
+                                      cache=self.cache, cache_len=max(pos) + 1)[:, -1]  # n V
+        if len(rows) != n:
+            logits = logits[torch.tensor([g._slot for g in rows], device=self.device)]
+        return logits
+
+    def _decode_alone(self, rows: list[Generation]) -> tuple[list[Generation], list[tuple]]:
+        """The decode step again, one row at a time (its own slot and position): the rows that fail alone end
+        with an error; the others get their token. Rewriting a row's cache entry is idempotent (same token,
+        same position), so the failed batched attempt leaves nothing behind."""
+        ok, picks = [], []
+        for g in rows:
+            try:
+                logits = self._forward(torch.tensor([[g._last]], device=self.device),
+                                       input_pos=torch.tensor([[g._pos]], device=self.device), cache=self.cache,
+                                       slots=torch.tensor([g._slot], device=self.device),
+                                       cache_len=g._pos + 1)[:, -1]  # 1 V
+                picks += self._pick([g], logits)
+                ok.append(g)
+            except Exception as e:
+                self._fail(g, e)
+        return ok, picks
+
     def _emit(self, rows: list[Generation], logits: torch.Tensor) -> None:
         """Sample one token per row from logits [R, V], hand out events, finish and free what is done."""
+        self._deliver(rows, self._pick(rows, logits))
+
+    def _pick(self, rows: list[Generation], logits: torch.Tensor) -> list[tuple[int, float | None, list | None]]:
+        """(token, logprob, top alternatives) per row for logits [R, V]: the sampling, all of the step that
+        depends on each request's own parameters."""
         logits = logits.float()
         params = [g.params for g in rows]
         constraints = [g._constraint for g in rows]
@@ -429,8 +505,12 @@ class Engine:
                 k = params[i].top_logprobs
                 alts = list(zip(tids_l[j][:k], vals_l[j][:k])) if k and vals_l is not None else None
                 lp[i] = (chosen_l[j], alts)
+        return [(tok, *lp.get(i, (None, None))) for i, tok in enumerate(ids.tolist())]  # the step's host sync
+
+    def _deliver(self, rows: list[Generation], picks: list[tuple[int, float | None, list | None]]) -> None:
+        """Hand each row its picked token as an event; finish and free the rows that are done."""
         now = time.perf_counter()
-        for i, (g, tok) in enumerate(zip(rows, ids.tolist())):  # the one host sync of the step
+        for g, (tok, logprob, alts) in zip(rows, picks):
             g.output_ids.append(tok)
             g._last = tok
             if g._penalty is not None:
@@ -457,12 +537,16 @@ class Engine:
                 reason = "stop"  # the grammar is complete: nothing more may follow
             elif len(g.output_ids) >= g.params.max_tokens or len(g.prompt_ids) + len(g.output_ids) >= self.max_len:
                 reason = "length"  # prompt + output may not exceed the context
-            logprob, alts = lp.get(i, (None, None))
             ev = TokenEvent(tok, logprob, alts, reason)
             if reason is not None:
                 self._finish(g, reason, event=ev)
             else:
                 g._push(ev)
+
+    def _fail(self, g: Generation, e: Exception) -> None:
+        """End one request with an error event (its slot frees); the engine goes on."""
+        log.error("request %d failed: %s: %s", g.id, type(e).__name__, e, exc_info=e)
+        self._finish(g, "error", error=f"{type(e).__name__}: {e}")
 
     def _finish(self, g: Generation, reason: str, event: TokenEvent | None = None, error: str | None = None) -> None:
         if g._state == _DONE:

@@ -21,6 +21,11 @@ Decisions, after HF transformers, vLLM and llama.cpp:
   per-row Python work is one float. Rows without a seed draw from the engine's shared stream.
 - logprobs are of the model's raw distribution (log_softmax of the logits before any processing), as vLLM
   reports them by default; the chosen token's logprob plus the `top_logprobs` most likely alternatives.
+  `prompt_logprobs` (vLLM's name) asks the same for every prompt token (the engine computes them only then);
+  `max_tokens=0` generates nothing, which with prompt_logprobs scores a text.
+- validate() checks each value's type as well as its range (an int that is a bool, a float that is NaN or
+  a number too large for a tensor are refused), so a request cannot carry a value the sampler would choke on;
+  a top_k above the vocabulary is the same as off.
 - A grammar's mask (constrain.py) comes first of all: disallowed ids get -inf, then the order above.
 """
 
@@ -56,11 +61,28 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: Any = None  # a constrain.Grammar: only the tokens it allows may be sampled (None = free)
+    prompt_logprobs: int | None = None  # None = off; k >= 0: each prompt token's logprob and k alternatives
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
-        """Raise LmforgeError naming the first value out of range; return self."""
+        """Raise LmforgeError naming the first value out of range or of the wrong type; return self."""
+        ints = ("max_tokens", "top_k", "top_logprobs")
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in ints:
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool)) or abs(v) >= 2**62:
+                raise LmforgeError(f"{name} must be an integer, got {v!r}")
+        for name in floats:
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise LmforgeError(f"{name} must be a finite number, got {v!r}")
+        for name in ("seed", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool)):
+                raise LmforgeError(f"{name} must be an integer or None, got {v!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise LmforgeError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
         checks = [
-            ("max_tokens", self.max_tokens >= 1, "at least 1"),
+            ("max_tokens", self.max_tokens >= 0, "0 (score the prompt only) or more"),
             ("temperature", 0.0 <= self.temperature <= 100.0 and math.isfinite(self.temperature), "in [0, 100]"),
             ("top_k", self.top_k >= 0, "0 (off) or positive"),
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
@@ -69,6 +91,7 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "None or in [0, 20]"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -148,7 +171,7 @@ def filter_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         # One descending sort serves both top-k (rank cut) and top-p (nucleus; Holtzman et al. 2019).
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=dev)[None]
-        k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)[:, None]
+        k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], device=dev)[:, None]
         # rows without nucleus sampling get a threshold no rounding error can reach
         top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev,
                              dtype=probs.dtype)[:, None]
