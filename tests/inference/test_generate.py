@@ -123,3 +123,21 @@ def test_generate_refuses_a_kv_cache_that_cannot_fit(tmp_path, capsys):
     # the fix it names works
     assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2",
                  "--max-len", "64", "--temperature", "0"]) == 0
+
+
+def test_generate_exits_non_zero_on_bad_values_and_hostile_templates(lm, tmp_path, capsys):
+    """A top_k no tensor holds once failed the generation and still exited 0; a template whose range() passes
+    the sandbox's limit was a traceback. Both are now errors that say what is wrong, with a non-zero status."""
+    assert main(["generate", "--model", str(lm.path), "--prompt", "x", "--top-k", str(2**63)]) != 0
+    assert "top_k" in capsys.readouterr().err
+    import json
+    import shutil
+
+    d = tmp_path / "hostile"
+    shutil.copytree(lm.path, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for i in range(10**7) %}x{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--model", str(d), "--prompt", "hi", "--chat", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Range too big" in err and "Traceback" not in err

@@ -192,12 +192,12 @@ def run(cfg: GenerateConfig) -> int:
     engine.start()
     t0 = time.perf_counter()
     n = 0
-    reason = None
+    reason = error = None
     try:
         for d in stream_text(gen, tok, cfg.stop):
             sys.stdout.write(d.text)
             sys.stdout.flush()
-            n, reason = d.completion_tokens, d.finish_reason or reason
+            n, reason, error = d.completion_tokens, d.finish_reason or reason, d.error or error
     finally:
         engine.stop()
     sys.stdout.write("\n")
@@ -208,4 +208,7 @@ def run(cfg: GenerateConfig) -> int:
     rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
     print(f"[{len(ids)} prompt tokens, {n} generated in {dt:.2f}s; first token {ttft * 1000:.0f} ms, "
           f"decode {rate:.1f} tokens/s; finish: {reason}]", file=sys.stderr)
+    if reason == "error":  # the engine ended it: say so, and exit non-zero (scripts check the status)
+        print(f"error: generation failed: {error}", file=sys.stderr)
+        return 1
     return 0

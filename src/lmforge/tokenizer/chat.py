@@ -17,7 +17,8 @@ transformers sets up its own (checked against transformers 5.x by tests/tokenize
   `reasoning`/`thinking`/`reasoning_content` is visible under both `reasoning_content` and `thinking`.
 
 What users can get wrong (a template with a syntax error, a template's `raise_exception`, messages that are not
-dicts) raises LmforgeError with the template's own message. Tokenizing the rendered string is tokenizer.py's job.
+dicts, a template that trips the sandbox's limits such as range() over 100,000) raises LmforgeError with the
+template's own message. Tokenizing the rendered string is tokenizer.py's job.
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ def _run(template: str, context: dict, recorder: tuple[list[str], list[tuple[int
         return "".join(chunks)
     except jinja2.exceptions.TemplateError as e:
         raise LmforgeError(f"chat template error: {e.message or e}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+        # ArithmeticError: ZeroDivisionError, and the OverflowError of the sandbox's range() limit
         raise LmforgeError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
     finally:
         _SPAN_RECORDER.reset(token)
