@@ -2,8 +2,9 @@
 
 Routes (each on a router of its own module): GET / (the chat page), GET /health, GET /metrics (site.py);
 GET /v1/models, POST /v1/chat/completions, POST /v1/completions (openai.py), streaming with SSE or not, n > 1,
-stop strings, logprobs, usage, structured output and tool calls (structured.py); POST /v1/embeddings
-(embeddings.py); POST /tokenize and /detokenize (tokens.py).
+stop strings, logprobs (of the prompt too, with echo), usage, structured output and tool calls (structured.py);
+POST /v1/embeddings (embeddings.py); GET /tokenizer_info, POST /tokenize, POST /detokenize (tokens.py, vLLM's);
+GET /openapi.json (the request bodies and answers, as declared by each route).
 
 The server, module by module: state.py (ServerState, EngineOptions: what handlers read), request.py (the key,
 the body under a size limit, the model, the token budget), schemas.py (request bodies and their ranges),
@@ -12,8 +13,12 @@ sse.py, metrics.py. Leaves to inference/ tokens, text and stop strings, to the t
 
 This module owns the assembly only: the lifespan (load, then stop the engines), the exception handlers that
 turn every failure into OpenAI's error shape (a client's mistake is a 4xx, a bug a 500 without a traceback on
-the wire), the request-counting middleware, and the routers. A new route goes on a router (openai.py for
-/v1, or a module of its own included here).
+the wire), the middlewares (the request counter outermost, then guard.py's Host and Origin checks), the
+OpenAPI document, and the routers. A new route goes on a router (openai.py for /v1, or a module of its own
+included here).
+
+/openapi.json is FastAPI's, plus the request bodies the routes declare with request.body_doc (they read
+their bodies themselves, under the size limit and with OpenAI's 400s, so FastAPI does not see them).
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import logging
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge import __version__
 from lmforge.inference.load import LoadedModel
 from lmforge.serve import embeddings, openai, site, tokens
-from lmforge.serve.errors import APIError
+from lmforge.serve.errors import APIError, ClientGone
+from lmforge.serve.guard import Guard
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.reply import ClientGone
+from lmforge.serve.request import DOCUMENTED
 from lmforge.serve.state import EngineOptions, RagFactory, ServerState
 
 log = logging.getLogger("lmforge.serve")
@@ -39,13 +48,16 @@ log = logging.getLogger("lmforge.serve")
 def create_app(models: dict[str, LoadedModel] | None = None, *,
                loader: Callable[[], dict[str, LoadedModel]] | None = None, api_key: str | None = None,
                engine: EngineOptions | None = None, max_body_bytes: int = 2_000_000,
-               rag: dict[str, RagFactory] | None = None) -> FastAPI:
+               rag: dict[str, RagFactory] | None = None, prompt_timeout: float = 10.0,
+               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> FastAPI:
     """The app. Pass loaded `models` (name -> LoadedModel), or a `loader` run in a thread at startup
     (/health says 503 until it returns). engine: how each model's Engine is built. rag: served name ->
     factory(tokenizer) of a retrieval hook (messages, budget) -> (messages, sources); chat answers of that
-    model then carry a `sources` field."""
+    model then carry a `sources` field. prompt_timeout: seconds a request's chat template and tokenization
+    may take. allowed_hosts, cors_origins: see guard.py (default: IP addresses and localhost; no other
+    site's pages)."""
     state = ServerState(engine_options=engine or EngineOptions(), api_key=api_key, max_body_bytes=max_body_bytes,
-                        rag_factories=dict(rag or {}))
+                        rag_factories=dict(rag or {}), prompt_timeout=prompt_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,18 +70,32 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
         yield
         state.stop()
 
-    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.lmforge = state
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(Exception, server_bug)
-    app.add_middleware(CountRequests, metrics=state.metrics)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts or (), cors_origins=cors_origins or ())
+    app.add_middleware(CountRequests, metrics=state.metrics)  # added last: outermost, so it counts refusals too
     app.include_router(site.router)
     app.include_router(openai.router)
     app.include_router(embeddings.router)
     app.include_router(tokens.router)
+    app.openapi = lambda: openapi_document(app)
     return app
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """FastAPI's document (routes, answers) plus the request bodies declared with request.body_doc."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="An OpenAI-compatible API (and vLLM's tokenizer routes) over lmforge's engine.")
+        _, defs = models_json_schema([(m, "validation") for m in DOCUMENTED.values()],
+                                     ref_template="#/components/schemas/{model}")
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 # ---- errors: everything leaves in OpenAI's shape -----------------------------------------------------------

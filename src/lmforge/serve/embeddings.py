@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.errors import APIError, not_found_model
-from lmforge.serve.request import read_body, require_key, require_ready
+from lmforge.serve.request import body_doc, read_body, require_key, require_ready
 from lmforge.serve.state import server
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
@@ -32,7 +32,7 @@ _encoder_lock = threading.Lock()
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -93,7 +93,7 @@ def _embed_lm(lm, engine, texts, ids, name):
     return mean_pooled(lm.model, ids), sum(len(v) for v in ids)
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=body_doc(EmbeddingRequest))
 async def embeddings(request: Request):
     req = await read_body(request, EmbeddingRequest)
     state = server(request)

@@ -9,8 +9,10 @@ first chunk of a stream).
 
 What differs between endpoints is only the wording of a choice: a `Shape` says how one finished choice, the
 opening of a streamed choice and one streamed delta look. ChatShape and CompletionShape are OpenAI's two;
-a new kind of answer (prompt logprobs with echo, ...) is a new Shape or a field on one; tool calls are
-ChatShape's `tools` (the format to parse them in).
+a new kind of answer is a new Shape or a field on one; tool calls are ChatShape's `tools` (the format to parse
+them in). CompletionShape scores the prompt too when the request echoes it with logprobs (the generations'
+`prompt_logprobs`): in the choice, or in a stream's first chunk of that choice (sent with its first delta,
+once the prompt has been scored).
 """
 
 from __future__ import annotations
@@ -31,12 +33,8 @@ from lmforge.inference.generate import TextDelta, astream_text
 from lmforge.inference.sampling import SamplingParams
 from lmforge.inference.tools import ToolFormat, ToolStream
 from lmforge.serve import sse
-from lmforge.serve.errors import APIError, from_lmforge
+from lmforge.serve.errors import APIError, ClientGone, from_lmforge
 from lmforge.serve.logprobs import chat_logprobs, completion_logprobs
-
-
-class ClientGone(Exception):
-    """The client of a non-streaming request disconnected; its generations were cancelled."""
 
 
 def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Generation]:
@@ -140,32 +138,48 @@ class CompletionShape:
     object = chunk_object = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, tokenizer, logprobs: bool, echo: list[str] | None, n: int):
-        """echo: each prompt's text when the request asks for it back (choice i echoes echo[i // n])."""
-        self.tok, self.logprobs, self.echo, self.n = tokenizer, logprobs, echo, n
+    def __init__(self, tokenizer, logprobs: int | None, echo: list[str] | None, n: int,
+                 gens: list[Generation] | None = None):
+        """logprobs: the request's `logprobs` (None: none; k: the chosen token's and k alternatives). echo:
+        each prompt's text when the request asks for it back (choice i echoes echo[i // n]); with logprobs
+        too, the prompt's tokens are scored, from gens[i].prompt_logprobs."""
+        self.tok, self.logprobs, self.top, self.echo, self.n = tokenizer, logprobs is not None, logprobs or 0, echo, n
+        self.gens = gens or []
+        self.scores_prompt = bool(echo) and logprobs is not None
         self.offsets: dict[int, int] = {}  # choice -> text streamed so far (logprobs' text_offset)
+        self.opened: set[int] = set()  # choices whose echo chunk went out
 
     def prefix(self, i: int) -> str:
         return self.echo[i // self.n] if self.echo else ""
 
+    def prompt_events(self, i: int) -> list[TokenEvent] | None:
+        return self.gens[i].prompt_logprobs if self.scores_prompt else None
+
     def choice(self, i: int, text: str, finish_reason: str, events: list[TokenEvent]) -> dict:
         prefix = self.prefix(i)
-        lp = completion_logprobs(self.tok, events, len(prefix)) if self.logprobs else None
+        lp = (completion_logprobs(self.tok, events, len(prefix), self.top, self.prompt_events(i))
+              if self.logprobs else None)
         return {"index": i, "text": prefix + text, "logprobs": lp, "finish_reason": finish_reason}
 
     def opening(self, i: int) -> dict | None:
-        if not self.echo:
+        if not self.echo or self.scores_prompt:  # a scored prompt goes out with the first delta
             return None
+        self.opened.add(i)
         return {"index": i, "text": self.prefix(i), "logprobs": None, "finish_reason": None}
 
     def deltas(self, i: int, d: TextDelta) -> list[dict]:
+        out = []
+        if self.echo and i not in self.opened:
+            self.opened.add(i)
+            lp = completion_logprobs(self.tok, [], 0, self.top, self.prompt_events(i)) if self.logprobs else None
+            out.append({"index": i, "text": self.prefix(i), "logprobs": lp, "finish_reason": None})
         events = generated(d.tokens)
         offset = self.offsets.get(i, len(self.prefix(i)))
-        lp = completion_logprobs(self.tok, events, offset) if self.logprobs and events else None
+        lp = completion_logprobs(self.tok, events, offset, self.top) if self.logprobs and events else None
         self.offsets[i] = offset + len(d.text)
-        if not (d.text or lp or d.finish_reason):
-            return []
-        return [{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}]
+        if d.text or lp or d.finish_reason:
+            out.append({"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
+        return out
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""OpenAI request bodies as pydantic models, with the value ranges OpenAI documents.
+"""OpenAI request bodies as pydantic models, with the value ranges OpenAI documents; and the answers' shapes.
 
-Owns: what a request may say and the allowed ranges (a value outside them is a 400 naming the parameter),
-and the request's sampling values as the engine's SamplingParams (`sampling()`, OpenAI's defaults).
-Leaves to openai.py the defaults that depend on the model (max_tokens from the context left), to
+Owns: what a request may say, each value's type and allowed range (a value of another type or outside the
+range is a 400 naming the parameter: types are strict, as OpenAI's are, so "0.5" or true is no number and
+1.0 no integer), and the request's sampling values as the engine's SamplingParams (`sampling()`, OpenAI's
+defaults). Leaves to openai.py the defaults that depend on the model (max_tokens from the context left), to
 inference/sampling.py what the values mean, and to reply.py the responses (plain dicts in OpenAI's shape).
 A new request field is declared here and read where it is used.
 
@@ -10,27 +11,35 @@ Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`
 OpenAI's fields: vLLM's sampling extras top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, and
 vLLM's `structured_outputs` object (json / regex / choice / grammar / json_object; its current form, which
 replaced the older guided_json, guided_regex, ... fields) on both generation routes.
+
+The response models at the end are documentation: /openapi.json publishes them (with the request models),
+reply.py builds plain dicts of these shapes, and the fuzz tests check every answer against the published
+schema, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmforge.inference.sampling import SamplingParams
 
+# strict: JSON types as they are (no "1" for 1, no 1.0 for an int, no true for a number); no NaN or Infinity
+_STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+INT64 = 2**63 - 1
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
@@ -39,13 +48,14 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64 - 1, le=INT64)  # OpenAI's: a 64-bit integer
+    user: str | None = None
     # vLLM extras
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=2**31 - 1)  # -1 or 0: off; above the vocabulary: off too
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=64)
 
     @field_validator("stop")
     @classmethod
@@ -55,6 +65,8 @@ class _Sampling(BaseModel):
         stops = [v] if isinstance(v, str) else list(v)
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        if any(len(s) > 1000 for s in stops):
+            raise ValueError("a stop sequence may be at most 1000 characters")
         return [s for s in stops if s]
 
     @property
@@ -65,7 +77,8 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: int, logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: bool = False, top_logprobs: int = 0,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters for this request (OpenAI's defaults: temperature 1, top_p 1; top_k -1 = off).
         Not validated here: the fields above hold OpenAI's ranges, and SamplingParams.validate runs once, in
         Engine.submit (stop_token_ids against the vocabulary too), its error a 400 (reply.submit)."""
@@ -74,11 +87,11 @@ class _Sampling(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -86,7 +99,7 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -95,7 +108,7 @@ class StructuredOutputs(BaseModel):
     """vLLM's structured_outputs: exactly one of json (a JSON Schema), regex, choice, grammar (Lark, in
     llguidance's dialect), json_object."""
 
-    model_config = ConfigDict(extra="forbid")  # a field we do not enforce is refused, not ignored
+    model_config = ConfigDict(extra="forbid", strict=True)  # a field we do not enforce is refused, not ignored
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
@@ -109,7 +122,7 @@ class StructuredOutputs(BaseModel):
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -117,24 +130,25 @@ class FunctionDef(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
 class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     name: str
 
 
 class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... reach the template untouched
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # name, tool_calls, ... reach
+    # the template untouched
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -152,7 +166,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -162,8 +176,16 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
 
 
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    """Legacy completions. With `echo` and `logprobs`, the prompt's tokens are scored too (OpenAI's layout:
+    one entry per prompt token, the first one's logprob null, then the completion's); `max_tokens: 0` with
+    `echo` scores the prompt and generates nothing."""
+
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(default=None, ge=0, le=INT64)  # 0: with echo only
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     structured_outputs: StructuredOutputs | None = None
@@ -174,3 +196,106 @@ class CompletionRequest(_Sampling):
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
         return v
+
+
+# ---- the answers, as /openapi.json documents them ------------------------------------------------------
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="allow")  # new fields (tool calls, sources, ...) keep an answer valid
+
+
+class ErrorBody(_Doc):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Doc):
+    """Every 4xx and 5xx: OpenAI's error shape."""
+
+    error: ErrorBody
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Doc):
+    """Parallel lists, one entry per token (with echo: the prompt's tokens first, the first one's logprob
+    and top_logprobs null). A logprob is finite or null, never NaN."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float | None] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(_Doc):
+    """POST /v1/completions without `stream` (a streamed chunk has the same shape; `usage` null or absent)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(_Doc):
+    token: str
+    logprob: float | None
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(_Doc):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatCompletionMessage(_Doc):
+    role: Literal["assistant"]
+    content: str | None = None
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Doc):
+    """POST /v1/chat/completions without `stream`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+    parent: str | None = None
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]

@@ -5,6 +5,10 @@
 
 Every model and adapter gets its own Engine (an adapter is merged into its own copy of the base weights, so
 it decodes at the base model's speed). The port answers /health with 503 while they load.
+
+Browsers: requests whose Host is a name other than localhost, the machine's own (when listening beyond
+loopback) or an --allowed-hosts one are refused, and so are other sites' pages unless --cors-origin names
+them (serve/guard.py says why).
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ class ServeConfig:
     quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
     compile: bool = opt(False, "torch.compile the decode step (slow to start, faster per token)")
     max_body_mb: float = opt(2.0, "largest request body accepted, in MB (larger: 413)")
+    prompt_timeout: float = opt(10.0, "seconds a request's chat template and tokenization may take (longer: 400)")
+    allowed_hosts: list[str] = opt(help="a host name the server answers to besides IP addresses and localhost "
+                                        "(repeatable; '*' = any). Other Host headers are refused: DNS rebinding",
+                                   default_factory=list)
+    cors_origin: list[str] = opt(help="a web origin (https://app.example) whose pages may call the API "
+                                      "(repeatable; '*' = any). Other sites' browser requests are refused: 403",
+                                 default_factory=list)
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     rag: list[str] = opt(help="ground a served model's chat answers in a RAG index, as NAME=INDEX_DIR (repeatable); "
                               "answers then carry a `sources` field", default_factory=list)
@@ -108,6 +119,7 @@ def run(cfg: ServeConfig) -> int:
     import uvicorn
 
     from lmforge.serve.app import create_app
+    from lmforge.serve.guard import machine_names
     from lmforge.serve.state import EngineOptions
 
     specs = parse_specs(cfg.model, cfg.adapter)
@@ -118,7 +130,8 @@ def run(cfg: ServeConfig) -> int:
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
     engine = EngineOptions(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len, compile=cfg.compile)
     app = create_app(loader=make_loader(specs, cfg.dtype, cfg.quantize), api_key=key, engine=engine,
-                     max_body_bytes=int(cfg.max_body_mb * 1e6),
+                     max_body_bytes=int(cfg.max_body_mb * 1e6), prompt_timeout=cfg.prompt_timeout,
+                     allowed_hosts=machine_names(cfg.host) + cfg.allowed_hosts, cors_origins=cfg.cors_origin,
                      rag=rag_factories(cfg.rag, [name for name, _, _ in specs], cfg.rag_top_k))
     print(f"lmforge serve: http://{cfg.host}:{cfg.port}/ (chat page), OpenAI API at http://{cfg.host}:{cfg.port}/v1"
           + (" (API key required)" if key else ""), file=sys.stderr)

@@ -1,8 +1,8 @@
 """What every request handler reads: the served models, their engines, readiness, the server's settings.
 
 Owns: `EngineOptions` (the engine parameters every served model gets, as typed fields) and `ServerState`
-(models and engines by served name, retrieval hooks, the API key and body limit, readiness or the loading
-error, the HTTP counters). The app keeps one ServerState in `app.state.lmforge`; handlers reach it with
+(models and engines by served name, retrieval hooks, the API key, body limit and prompt time limit, readiness
+or the loading error, the HTTP counters). The app keeps one ServerState in `app.state.lmforge`; handlers reach it with
 `server(request)`. Loading in a background thread lives here too, so /health can say 503 until it is done.
 """
 
@@ -50,6 +50,7 @@ class ServerState:
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     api_key: str | None = None  # None: /v1 is open
     max_body_bytes: int = 2_000_000
+    prompt_timeout: float = 10.0  # seconds a request's chat template + tokenization may take
     rag_factories: dict[str, RagFactory] = field(default_factory=dict)
     models: dict[str, LoadedModel] = field(default_factory=dict)
     engines: dict[str, Engine] = field(default_factory=dict)
