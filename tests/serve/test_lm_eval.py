@@ -7,7 +7,8 @@ directory: the per-item log-likelihoods agree. A generation task runs through `l
 --apply_chat_template` and `hf --apply_chat_template`: the greedy generations are the same strings.
 
 The four runs are lm-eval's own CLI (`lm_eval.__main__.cli_evaluate` with its argv), in one subprocess so that
-lm-eval, transformers and datasets are imported once.
+lm-eval, transformers and datasets are imported once (about a minute on 2 busy cores; the generation runs
+take 3 items).
 """
 
 import json
@@ -57,11 +58,15 @@ TASKS = {
 }
 
 RUNNER = """
-import sys
+import sys, time
+t0 = time.time()
 from lm_eval.__main__ import cli_evaluate
+print(f"lmforge-timing import {time.time() - t0:.1f}", file=sys.stderr)
 for line in sys.stdin.read().splitlines():
+    t0 = time.time()
     sys.argv = ["lm_eval", *line.split("\\t")]
     cli_evaluate()
+    print(f"lmforge-timing {sys.argv[2]} {time.time() - t0:.1f}", file=sys.stderr)
 """
 
 
@@ -97,9 +102,9 @@ def test_lm_eval_scores_the_server_as_the_model_directory(model_dirs, tmp_path):
             ["--model", "hf", "--model_args", hf, "--device", "cpu", "--tasks", "lmforge_mc",
              *common, str(tmp_path / "hf")],
             ["--model", "local-chat-completions", "--model_args", api + "/v1/chat/completions",
-             "--apply_chat_template", "--tasks", "lmforge_gen", *common, str(tmp_path / "api_chat")],
+             "--apply_chat_template", "--tasks", "lmforge_gen", "--limit", "3", *common, str(tmp_path / "api_chat")],
             ["--model", "hf", "--model_args", hf, "--device", "cpu", "--apply_chat_template",
-             "--tasks", "lmforge_gen", *common, str(tmp_path / "hf_chat")],
+             "--tasks", "lmforge_gen", "--limit", "3", *common, str(tmp_path / "hf_chat")],
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OPENAI_API_KEY": "sk-eval",
