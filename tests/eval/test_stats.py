@@ -1,4 +1,5 @@
-"""Wilson score intervals against published values (Newcombe 1998, Table I; Brown, Cai & DasGupta 2001)."""
+"""Wilson score intervals against published values (Newcombe 1998; Brown, Cai & DasGupta 2001); McNemar's exact test
+against Fagerland et al. (2013) and by hand; the paired comparison and its bootstrap interval."""
 
 import pytest
 
@@ -29,3 +30,64 @@ def test_edges_and_symmetry():
     assert lo2 < lo1 < 0.5 < hi1 < hi2  # a 68% interval sits inside the 95% one
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+# ---- paired tests ----------------------------------------------------------------------------------------
+def test_mcnemar_exact_published_and_by_hand():
+    from lmforge.eval.stats import mcnemar_exact
+
+    # Fagerland, Lydersen & Laake (2013), Table 1 (Bentur et al. 2009): 1 vs 7 discordant pairs, exact p = 0.070
+    assert mcnemar_exact(1, 7) == pytest.approx(0.0703, abs=5e-4)
+    assert mcnemar_exact(7, 1) == mcnemar_exact(1, 7)  # two-sided: symmetric
+    assert mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 2**7)  # by hand: 2 * P(X <= 1), X ~ Bin(7, 1/2)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 5 of 5 discordant one way: p = 0.0625, not < 0.05
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    # large counts stay exact (no float underflow of 0.5**n)
+    assert 0 < mcnemar_exact(400, 600) < 1e-9 and mcnemar_exact(2000, 2000) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
+
+
+def test_mcnemar_matches_scipy_binomtest_when_available():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from lmforge.eval.stats import mcnemar_exact
+
+    for b, c in [(3, 11), (10, 4), (25, 40), (0, 9), (17, 17)]:
+        assert mcnemar_exact(b, c) == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
+
+
+def test_paired_comparison_counts_discordant_items_only():
+    from lmforge.eval.stats import paired_comparison
+
+    a = [True] * 40 + [False] * 60
+    # B gets the same 40 right plus 15 more: 15 discordant items, all B's way
+    b = [True] * 55 + [False] * 45
+    r = paired_comparison(a, b)
+    assert (r["n"], r["only_a"], r["only_b"]) == (100, 0, 15)
+    assert r["diff"] == pytest.approx(0.15) and r["significant"] and r["p_value"] < 1e-3
+    lo, hi = r["diff_ci95"]
+    assert 0 < lo < 0.15 < hi < 0.3
+    # the same accuracies with the discordance split both ways: no evidence of a difference
+    c = [True] * 30 + [False] * 10 + [True] * 25 + [False] * 35
+    r2 = paired_comparison(a, c)
+    assert r2["diff"] == pytest.approx(0.15) and r2["only_a"] == 10 and r2["only_b"] == 25
+    assert r2["p_value"] > r["p_value"]
+    same = paired_comparison(a, a)
+    assert same["p_value"] == 1.0 and not same["significant"] and same["diff_ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        paired_comparison([True], [True, False])
+
+
+def test_paired_bootstrap_is_seeded_and_covers_the_difference():
+    import random
+
+    from lmforge.eval.stats import paired_bootstrap_ci
+
+    rng = random.Random(0)
+    a = [rng.random() < 0.5 for _ in range(300)]
+    b = [x if rng.random() < 0.8 else (rng.random() < 0.7) for x in a]
+    assert paired_bootstrap_ci(a, b, seed=3) == paired_bootstrap_ci(a, b, seed=3)
+    lo, hi = paired_bootstrap_ci(a, b)
+    diff = (sum(b) - sum(a)) / 300
+    assert lo < diff < hi and hi - lo < 0.2
