@@ -55,3 +55,25 @@ def test_dedicated_gpus_step_with_volume():
     points = cost.crossovers(api, gpu, 12)
     assert points[0] == pytest.approx(730.0, rel=1e-6)  # the API costs more above 730 queries...
     assert len(points) > 1  # ...until the second GPU's step, where the lines cross again
+
+
+def test_one_formula_for_1k_queries():
+    # an API: 500 in + 200 out tokens at $0.15 / $0.60 per 1M = $0.195 per 1,000 queries
+    api = cost.TokenPrice(0.15, 0.60)
+    assert cost.usd_per_1k_queries(api, 500, 200) == pytest.approx(1000 * (500 * 0.15 + 200 * 0.60) / 1e6)
+    # machine time: 100 tokens at 500 tokens/s on a $3.60/hour machine = 0.2 s = $0.0002 a query
+    machine = cost.throughput_price(500, 3.6)
+    assert machine.input_usd_per_1m == machine.output_usd_per_1m == pytest.approx(cost.cost_per_1m_tokens(500, 3.6))
+    assert cost.usd_per_1k_queries(machine, 80, 20) == pytest.approx(0.2)
+    assert cost.usd_per_1k_queries(machine, 80, 20) == pytest.approx(1000 * cost.self_hosted_cost_per_query(500, 3.6, 100))
+    with pytest.raises(LmforgeError):
+        cost.usd_per_1k_queries(api, -1, 0)
+
+
+def test_plan_inference_prices_through_the_same_formula():
+    from lmforge.plan import inference
+
+    m = load_prices().model("gpt-4o-mini")
+    q = inference.api_query(m, 500, 200, 1000)
+    assert q["usd_per_1k_queries"] == cost.usd_per_1k_queries(cost.TokenPrice(0.15, 0.60), 500, 200)
+    assert q["usd_per_query"] * 1000 == pytest.approx(q["usd_per_1k_queries"])

@@ -8,12 +8,15 @@ measured speed), report (tables and JSON), commands (the `lmforge plan ...` verb
 
 from lmforge.plan.cost import (
     CostLine,
+    TokenPrice,
     api_cost_per_query,
     breakeven,
     breakeven_between,
     cost_per_1m_tokens,
     self_hosted_cost_per_query,
+    throughput_price,
+    usd_per_1k_queries,
 )
 
-__all__ = ["CostLine", "api_cost_per_query", "breakeven", "breakeven_between", "cost_per_1m_tokens",
-           "self_hosted_cost_per_query"]
+__all__ = ["CostLine", "TokenPrice", "api_cost_per_query", "breakeven", "breakeven_between", "cost_per_1m_tokens",
+           "self_hosted_cost_per_query", "throughput_price", "usd_per_1k_queries"]

@@ -1,7 +1,12 @@
 """Money arithmetic, as pure functions other parts call (eval's `compare` prices 1,000 queries with these).
 
 Conventions: US dollars; API prices per 1M tokens, input and output priced separately; self-hosted cost is the
-GPU time a query occupies (tokens / throughput) at the GPU's hourly price. An option's cost over a horizon is a
+GPU time a query occupies (tokens / throughput) at the GPU's hourly price.
+
+"$ per 1,000 queries" has one source: `usd_per_1k_queries(price, input_tokens, output_tokens)`, where a
+TokenPrice is either an API's list prices or machine time at a throughput (`throughput_price`: measured by
+`lmforge compare` or `plan calibrate`, or estimated by plan/inference.py). compare's table, `plan inference`,
+`plan compare` and the decision report all call it, so the same figures give the same cost everywhere. An option's cost over a horizon is a
 CostLine: one-off (a finetune, an index build) + per month (an always-on GPU, a vector database) + per query.
 Comparing options amortises one-off costs over the horizon, so two options' monthly costs cross at a break-even
 volume in queries per month.
@@ -34,6 +39,34 @@ def self_hosted_cost_per_query(tokens_per_s: float, usd_per_hour: float, tokens:
 def cost_per_1m_tokens(tokens_per_s: float, usd_per_hour: float) -> float:
     """Dollars per 1M tokens processed at `tokens_per_s` on a machine costing `usd_per_hour`."""
     return self_hosted_cost_per_query(tokens_per_s, usd_per_hour, 1e6)
+
+
+@dataclass(frozen=True)
+class TokenPrice:
+    """What tokens cost, US$ per 1M input and per 1M output tokens, and where the figures come from."""
+
+    input_usd_per_1m: float
+    output_usd_per_1m: float
+    basis: str = ""
+
+
+def throughput_price(tokens_per_s: float, usd_per_hour: float, output_tokens_per_s: float | None = None,
+                     basis: str = "") -> TokenPrice:
+    """Machine time as a token price: a token occupies the machine 1 / tokens_per_s seconds at usd_per_hour.
+
+    One throughput (tokens/s over prompt and output together, as compare measures it) prices both sides;
+    give `output_tokens_per_s` when prefill and decode run at different speeds (plan's estimates)."""
+    out = tokens_per_s if output_tokens_per_s is None else output_tokens_per_s
+    return TokenPrice(cost_per_1m_tokens(tokens_per_s, usd_per_hour), cost_per_1m_tokens(out, usd_per_hour),
+                      basis or f"${usd_per_hour:g}/hour at {tokens_per_s:,.1f} tokens/s")
+
+
+def usd_per_1k_queries(price: TokenPrice, input_tokens: float, output_tokens: float) -> float:
+    """Dollars for 1,000 queries of `input_tokens` in and `output_tokens` out at `price`: the one formula behind
+    every "$ per 1,000 queries" lmforge shows."""
+    if input_tokens < 0 or output_tokens < 0:
+        raise LmforgeError(f"token counts cannot be negative, got {input_tokens} in and {output_tokens} out")
+    return 1000 * api_cost_per_query(input_tokens, output_tokens, price.input_usd_per_1m, price.output_usd_per_1m)
 
 
 def breakeven(one_off: float, saving_per_query: float) -> float:

@@ -31,12 +31,14 @@ def api_query(model: ApiModel, input_tokens: float, output_tokens: float, querie
               tokens_per_s: float | None = None, first_token_s: float = 0.5) -> dict:
     """Cost per query, per 1,000 queries and per month for an API model; latency if its speed is given."""
     _check_tokens(input_tokens, output_tokens, queries_per_month)
-    per_query = cost.api_cost_per_query(input_tokens, output_tokens, model.input_usd_per_1m, model.output_usd_per_1m)
+    price = cost.TokenPrice(model.input_usd_per_1m, model.output_usd_per_1m, f"{model.name} list price")
+    per_1k = cost.usd_per_1k_queries(price, input_tokens, output_tokens)
+    per_query = per_1k / 1000
     out = {"kind": "api", "model": model.name, "provider": model.provider,
            "input_usd_per_1m": model.input_usd_per_1m, "output_usd_per_1m": model.output_usd_per_1m,
            "price_date": model.date, "price_source": model.source, "note": model.note,
            "input_tokens": input_tokens, "output_tokens": output_tokens, "queries_per_month": queries_per_month,
-           "usd_per_query": per_query, "usd_per_1k_queries": per_query * 1000,
+           "usd_per_query": per_query, "usd_per_1k_queries": per_1k,
            "usd_per_month": per_query * queries_per_month, "latency_s": None}
     if tokens_per_s:
         out["latency_s"] = first_token_s + output_tokens / tokens_per_s
@@ -97,8 +99,10 @@ def self_hosted_query(shape: Shape, gpu: Gpu, input_tokens: float, output_tokens
                    if input_tokens else math.inf)
     prefill_s = input_tokens / prefill_tps if input_tokens else 0.0
     gpu_s = prefill_s + output_tokens / agg  # GPU time one query occupies, batch-shared
-    per_query = (cost.self_hosted_cost_per_query(agg, rate, output_tokens)
-                 + (cost.self_hosted_cost_per_query(prefill_tps, rate, input_tokens) if input_tokens else 0.0))
+    # prompt tokens at the prefill speed, output tokens at the decode speed
+    per_1k = cost.usd_per_1k_queries(cost.throughput_price(prefill_tps, rate, output_tokens_per_s=agg),
+                                     input_tokens, output_tokens)
+    per_query = per_1k / 1000
 
     # a month
     gpu_hours = queries_per_month * gpu_s / 3600
@@ -116,7 +120,7 @@ def self_hosted_query(shape: Shape, gpu: Gpu, input_tokens: float, output_tokens
             "bandwidth_bound_tokens_per_s": decode["bandwidth_bound_tokens_per_s"],
             "decode_tokens_per_s": agg, "per_sequence_tokens_per_s": per_seq, "prefill_tokens_per_s": prefill_tps,
             "first_token_s": prefill_s, "latency_s": prefill_s + output_tokens / per_seq,
-            "gpu_seconds_per_query": gpu_s, "usd_per_query": per_query, "usd_per_1k_queries": per_query * 1000,
+            "gpu_seconds_per_query": gpu_s, "usd_per_query": per_query, "usd_per_1k_queries": per_1k,
             "queries_per_gpu_month": cost.HOURS_PER_MONTH * 3600 / gpu_s,
             "gpu_hours_per_month": gpu_hours, "gpus_always_on": gpus_needed,
             "usd_per_month_per_use": per_use, "usd_per_month_always_on": dedicated,
