@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import types
 import typing
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -257,4 +259,45 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str = "lmforge"
     from_dict(cls, yaml_data, cfg)
     for key, value in args.items():
         _set_dotted(cfg, cls, key, value)
+    global _parsed
+    _parsed = (weakref.ref(cfg), [*prog.split(), *(sys.argv[1:] if argv is None else argv)])
     return cfg
+
+
+# ---- the command behind a result ------------------------------------------------------------------------
+_parsed: tuple[Any, list[str]] | None = None  # (weak reference to the last parsed Config, the words it came from)
+
+
+def command_line(cfg: Any = None, prog: str = "") -> str:
+    """The command that produced a result, shell-quoted, for its report to name.
+
+    The words the CLI parsed `cfg` from (cfg None: the config parsed last, while it is alive); for a config
+    built in Python, `prog` followed by the flags of its non-default values (an equivalent command); without
+    either, this process's own argv."""
+    if _parsed is not None and _parsed[0]() is not None and (cfg is None or _parsed[0]() is cfg):
+        return shlex.join(_parsed[1])
+    if cfg is not None and prog:
+        return shlex.join([*prog.split(), *_flags(cfg)])
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def _flags(cfg: Any) -> list[str]:
+    """Flags that rebuild `cfg` from its class's defaults."""
+    out: list[str] = []
+    defaults = type(cfg)()
+    for key, f, _tp in _walk(type(cfg)):
+        meta = f.metadata or {}
+        value, default = _get_dotted(cfg, key), _get_dotted(defaults, key)
+        if value == default:
+            continue
+        name = meta.get("flag") or "--" + key.replace("_", "-")
+        if meta.get("positional"):
+            out.append(str(value))
+        elif isinstance(value, bool):
+            out.append(name if value else "--no-" + name[2:])
+        elif isinstance(value, list):
+            for v in value:
+                out += [name, str(v)]
+        else:
+            out += [name, "none" if value is None else str(value)]
+    return out

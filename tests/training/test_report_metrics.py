@@ -2,8 +2,8 @@
 
 import json
 
-from lmforge.training.metrics import MetricsWriter, plot_loss, read_metrics
-from lmforge.training.report import render_report, write_summary
+from lmforge.training.metrics import MetricsWriter, plot_loss, plot_title, read_metrics
+from lmforge.training.report import render_file, render_report, write_summary
 
 
 def test_render_report_sections_and_formats(tmp_path):
@@ -20,6 +20,24 @@ def test_render_report_sections_and_formats(tmp_path):
         assert piece in md, piece
     sj, report = write_summary(tmp_path, summary)
     assert json.loads(sj.read_text())["title"] == "T" and report.read_text() == md
+
+
+def test_report_names_the_command_that_produced_it(tmp_path):
+    from lmforge.config import command_line
+
+    summary = {"stage": "pretrain", "title": "T", "model": {"layers": 2}}
+    sj, report = write_summary(tmp_path, summary)
+    stored = json.loads(sj.read_text())["command"]
+    assert stored == command_line() and f"**command:** `{stored}`" in report.read_text()
+    assert render_file(sj) == report.read_text()  # rendered again later: still the run's own command
+    own = write_summary(tmp_path / "b", {**summary, "command": "lmforge pretrain --out runs/b"})[1].read_text()
+    assert "**command:** `lmforge pretrain --out runs/b`" in own
+
+
+def test_plot_title_does_not_repeat_the_stage():
+    assert plot_title("pretrain pretrain") == "pretrain"  # runs/pretrain
+    assert plot_title("SFT sft") == "SFT" and plot_title("DPO dpo") == "DPO"
+    assert plot_title("pretrain tiny-1") == "pretrain tiny-1" and plot_title("loss") == "loss"
 
 
 def test_metrics_writer_truncates_on_resume_and_plots(tmp_path):

@@ -78,8 +78,9 @@ def to_json(result: dict) -> str:
 class Report:
     """A titled list of blocks: key-value sections, tables and paragraphs, rendered as aligned text."""
 
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, command: str = "") -> None:
         self.title = title
+        self.command = command  # the command that produced it, shown under the title
         self.blocks: list[tuple[str, str, Any]] = []
 
     def kv(self, heading: str, rows: list[tuple]) -> Report:
@@ -95,7 +96,7 @@ class Report:
         return self
 
     def render(self) -> str:
-        out = [self.title, "=" * len(self.title)]
+        out = [self.title, "=" * len(self.title)] + ([f"command: {self.command}"] if self.command else [])
         for kind, heading, body in self.blocks:
             out.append("")
             if heading:

@@ -139,6 +139,13 @@ class ProgressBar:
         self.close()
 
 
+def plot_title(title: str) -> str:
+    """A "STAGE RUN" title without a run name that only repeats the stage ("pretrain pretrain" for runs/pretrain,
+    "SFT sft" for runs/sft): the stage once."""
+    words = title.split()
+    return words[0] if len(words) == 2 and words[0].casefold() == words[1].casefold() else title
+
+
 def plot_loss(metrics_path: str | Path, out_png: str | Path, title: str = "loss") -> Path | None:
     """Train and validation loss against tokens seen, as a PNG (matplotlib, Agg). None if nothing to plot."""
     records = read_metrics(metrics_path)
@@ -158,7 +165,7 @@ def plot_loss(metrics_path: str | Path, out_png: str | Path, title: str = "loss"
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.2, markersize=4)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
+    ax.set_title(plot_title(title))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -5,8 +5,10 @@ A summary is plain JSON: {"stage", "title", "status", and sections}. Sections th
 two-column tables in a fixed order (data, model, training, compute, results, then any other), "samples" (a
 list of {"prompt", "text"}) become quoted generations, "plots" (file names in the run directory) become
 images, and "notes" (a list of strings) a bullet list. A stage adds what it knows; the renderer needs no
-change. Keys may be snake_case; they are shown as words. Values are formatted by kind: keys naming FLOPs in scientific
-notation, `mfu` as a percentage, large integers with thousands separators.
+change. `command` is shown under the title: the stage's own, else the command line that is running (write_summary
+stores it in summary.json, so a report rendered again later still names the run's command). Keys may be
+snake_case; they are shown as words. Values are formatted by kind: keys naming FLOPs in scientific notation,
+`mfu` as a percentage, large integers with thousands separators.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lmforge.config import command_line
+
 SECTION_ORDER = ("data", "model", "training", "compute", "results")
-_SPECIAL = {"stage", "title", "status", "created", "samples", "plots", "notes", "run_dir"}
+_SPECIAL = {"stage", "title", "status", "created", "command", "samples", "plots", "notes", "run_dir"}
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -56,6 +60,7 @@ def render_report(summary: dict) -> str:
     lines = [f"# {title}", ""]
     meta = [f"**{_title(k)}:** {_fmt(k, summary[k])}" for k in ("stage", "status", "created", "run_dir")
             if summary.get(k) is not None]
+    meta.append(f"**command:** `{summary.get('command') or command_line()}`")
     if meta:
         lines += ["  \n".join(meta), ""]
     sections = [k for k in SECTION_ORDER if isinstance(summary.get(k), dict)]
@@ -86,6 +91,7 @@ def write_summary(run_dir: str | Path, summary: dict) -> tuple[Path, Path]:
     """Write run_dir/summary.json and the rendered run_dir/report.md; returns both paths."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
+    summary = {**summary, "command": summary.get("command") or command_line()}  # the report names its command
     sj, md = d / "summary.json", d / "report.md"
     sj.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     md.write_text(render_report(summary))
