@@ -43,3 +43,17 @@ def test_help_shows_defaults(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
     assert "--tokens-per-example" in out and "(default: lora)" in out and "(default: a100-80gb)" in out
+
+
+def test_every_plan_report_names_its_command(capsys):
+    argv = ["plan", "breakeven", "--one-off", "100", "--saving-per-query", "0.5"]
+    assert main(argv) == 0
+    assert "command: lmforge plan breakeven --one-off 100 --saving-per-query 0.5" in capsys.readouterr().out
+    assert main(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["command"] == "lmforge " + " ".join(argv + ["--json"])
+    # called from Python, a report names the equivalent command
+    from lmforge.plan.commands import BreakevenPlanConfig, run_breakeven
+
+    res = run_breakeven(BreakevenPlanConfig(one_off=100.0, saving_per_query=0.5, json=True))
+    capsys.readouterr()
+    assert res["command"] == "lmforge plan breakeven --one-off 100.0 --saving-per-query 0.5 --json"

@@ -1,5 +1,6 @@
 """Scenarios: options priced side by side, break-even volumes, the recommendation and its reasons, the chart."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,106 @@ def test_breakeven_command(capsys):
         run_breakeven(BreakevenPlanConfig(saving_per_query=0.01, per_query_a=0.02))
     with pytest.raises(LmforgeError, match="say what B saves"):
         run_breakeven(BreakevenPlanConfig(one_off=10))
+
+
+# ---------------------------------------------------------------- measured options (an `lmforge compare` run)
+
+
+def _compare_run(tmp_path, variants, usd_per_hour=1.0, name="cmp"):
+    """A results.json laid out as `lmforge compare` writes it: variants (name, outcomes per item, tokens per
+    machine-second, tokens in / out, kind) and every pair's paired test."""
+    from lmforge.eval.compare import paired_tests
+    from lmforge.eval.stats import wilson_interval
+
+    rows = []
+    for vname, correct, tps, tin, tout, kind in variants:
+        k, n = sum(correct), len(correct)
+        t = None if kind == "api" else {"tokens_per_s": tps, "tokens_per_s_range": [tps * 0.9, tps * 1.1],
+                                        "machine_tokens_per_s": tps, "machine_tokens_per_s_range": [tps * 0.95, tps * 1.05],
+                                        "latency_s": (tin + tout) / tps, "latency_s_range": [0.1, 0.2]}
+        rows.append({"variant": {"name": vname, "model": f"runs/{vname}", "kind": kind, "rag": None, "shots": 0},
+                     "summary": {"n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
+                                 "prompt_tokens": tin, "output_tokens": tout, "latency_s": 0.5},
+                     "timing": t, "price": {"input_usd_per_1m": 0.15, "output_usd_per_1m": 0.6} if kind == "api" else None,
+                     "cost_basis": "x", "usd_per_1k": None})
+    out = tmp_path / name
+    out.mkdir()
+    pairs = paired_tests([v[0] for v in variants], {v[0]: v[1] for v in variants}, 0)
+    (out / "results.json").write_text(json.dumps({"command": "lmforge compare ...", "task": "t.jsonl", "n": len(variants[0][1]),
+                                                  "baseline": variants[0][0], "usd_per_hour": usd_per_hour,
+                                                  "timing": {"threads": 1}, "paired": pairs, "variants": rows}))
+    return out
+
+
+def test_measured_costs_come_from_the_one_formula(tmp_path, capsys):
+    from lmforge.plan.cost import throughput_price, usd_per_1k_queries
+
+    run = _compare_run(tmp_path, [("base", [True] * 30 + [False] * 70, 400.0, 90.0, 10.0, "local"),
+                                  ("api", [True] * 32 + [False] * 68, None, 120.0, 3.0, "api")], usd_per_hour=0.5)
+    res = run_compare(ComparePlanConfig(measured=str(run), chart="none", json=True, queries_per_month=10_000))
+    capsys.readouterr()
+    opts = {o["name"]: o for o in res["options"]}
+    assert opts["base"]["per_query"] * 1000 == pytest.approx(usd_per_1k_queries(throughput_price(400.0, 0.5), 90, 10))
+    assert opts["api"]["per_query"] * 1000 == pytest.approx((120 * 0.15 + 3 * 0.6) / 1000)
+    assert opts["base"]["local"] and not opts["api"]["local"] and opts["base"]["measured"]["accuracy"] == 0.30
+    # repriced at another machine's rate, through the same formula
+    res = run_compare(ComparePlanConfig(measured=str(run), chart="none", json=True, usd_per_hour=2.0))
+    capsys.readouterr()
+    base = next(o for o in res["options"] if o["name"] == "base")
+    assert base["per_query"] * 1000 == pytest.approx(usd_per_1k_queries(throughput_price(400.0, 2.0), 90, 10))
+
+
+def test_no_winner_for_an_advantage_that_is_not_significant(tmp_path, capsys):
+    """tuned answers 36/100 to base's 30/100, on 8 items base missed and missing 2 base got: McNemar p = 0.11.
+    The cheaper base wins, and the reasons say the accuracies do not differ beyond chance."""
+    base = [True] * 30 + [False] * 70
+    tuned = [True] * 28 + [False] * 2 + [True] * 8 + [False] * 62
+    run = _compare_run(tmp_path, [("base", base, 1000.0, 100.0, 10.0, "local"),
+                                  ("tuned", tuned, 500.0, 100.0, 10.0, "local")])
+    res = run_compare(ComparePlanConfig(measured=str(run), chart="none", json=True))
+    capsys.readouterr()
+    rec = res["recommendation"]
+    assert rec["recommended"] == "base"
+    assert any("not significantly different from tuned" in r for r in rec["reasons"])
+    assert not any("significantly more accurate" in r for r in rec["reasons"])
+    assert all("accurate" not in g for r in rec["ranking"] for g in r["gaps"])
+
+
+def test_a_significantly_better_option_wins_over_a_cheaper_one(tmp_path, capsys):
+    base = [True] * 30 + [False] * 70
+    tuned = [True] * 30 + [True] * 30 + [False] * 40  # 30 more right, none fewer: p ~ 2e-9
+    run = _compare_run(tmp_path, [("base", base, 1000.0, 100.0, 10.0, "local"),
+                                  ("tuned", tuned, 500.0, 100.0, 10.0, "local")])
+    res = run_compare(ComparePlanConfig(measured=str(run), chart="none", json=True))
+    out = capsys.readouterr().out
+    rec = res["recommendation"]
+    assert rec["recommended"] == "tuned"
+    assert any(r.startswith("accuracy: 0.600, significantly more accurate than base") for r in rec["reasons"])
+    why = next(w for w in rec["why_not"] if w["option"] == "base")
+    assert any("significantly less accurate than tuned" in r for r in why["reasons"])
+    res = run_compare(ComparePlanConfig(measured=str(run), chart="none"))
+    assert "accuracy" in capsys.readouterr().out  # the table shows each option's measured accuracy
+    assert out
+
+
+def test_measured_options_in_a_scenario_and_their_errors(tmp_path, capsys):
+    run = _compare_run(tmp_path, [("base", [True] * 5 + [False] * 5, 100.0, 10.0, 1.0, "local"),
+                                  ("other", [True] * 6 + [False] * 4, 100.0, 10.0, 1.0, "local")])
+    other = _compare_run(tmp_path, [("x", [True] * 9 + [False], 100.0, 10.0, 1.0, "local")], name="cmp2")
+    p = _scenario(tmp_path, options=[{"name": "mine", "kind": "measured", "results": str(run), "variant": "other"},
+                                     {"name": "x", "kind": "measured", "results": str(other)},
+                                     {"name": "gpt-4", "kind": "api", "model": "gpt-4"}])
+    res = run_compare(ComparePlanConfig(scenario=str(p), chart="none", json=True))
+    capsys.readouterr()
+    mine = next(o for o in res["options"] if o["name"] == "mine")
+    assert mine["measured"]["variant"] == "other" and mine["kind"] == "measured"
+    # options from different compare runs were scored on different items: never compared on accuracy
+    rec = res["recommendation"]
+    assert all("accurate than" not in g for r in rec["ranking"] for g in r["gaps"])
+    for opts, msg in (([{"name": "m", "kind": "measured", "results": str(run), "variant": "zz"}], "no variant 'zz'"),
+                      ([{"name": "m", "kind": "measured", "results": str(tmp_path / "none")}], "does not exist"),
+                      ([{"name": "m", "kind": "measured"}], "'results' is required")):
+        with pytest.raises(LmforgeError, match=msg):
+            run_compare(ComparePlanConfig(scenario=str(_scenario(tmp_path, options=opts)), chart="none", json=True))
+    with pytest.raises(LmforgeError, match="--measured DIR"):
+        run_compare(ComparePlanConfig(chart="none"))

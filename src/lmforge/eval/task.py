@@ -33,6 +33,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,15 @@ def _plain_item(e: Example) -> str:
     return f"Question: {e.prompt}\nAnswer:" if e.is_choice else e.prompt
 
 
+def chat_messages(e: Example, shots: list[Example]) -> list[dict]:
+    """The chat turns of an item: each shot a user turn and its answer an assistant turn, then the item."""
+    messages: list[dict] = []
+    for s in shots:
+        messages += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
+    messages.append({"role": "user", "content": e.prompt})
+    return messages
+
+
 @dataclass
 class Prompt:
     """A built prompt: token ids, how many shots it kept, the sources it cites."""
@@ -203,10 +213,7 @@ class Runner:
 
         sources: list[dict] = []
         if self.chat:
-            messages: list[dict] = []
-            for s in shots:
-                messages += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
-            messages.append({"role": "user", "content": e.prompt})
+            messages = chat_messages(e, shots)
             if self.index is not None:
                 messages, sources = augment_messages(self.index, messages, self.em.tokenizer, budget, self.top_k,
                                                      count=self.em.count_chat)
@@ -239,12 +246,15 @@ class Runner:
             out.append(ids[:end + 1] if end is not None else ids)
         return out
 
-    def run(self, limit: int = 0, concurrency: int = 1, advance=None) -> list[dict]:
-        """Per-item records: prompt/prediction/answer, correct, tokens in/out, latency (retrieval included)."""
+    def run(self, limit: int = 0, concurrency: int = 1, advance=None, items: Sequence[int] | None = None) -> list[dict]:
+        """Per-item records: prompt/prediction/answer, correct, tokens in/out, latency (retrieval included).
+
+        Runs the first `limit` items (0: all), or exactly the indices in `items` (compare's timing passes)."""
         n = len(self.examples) if limit <= 0 else min(limit, len(self.examples))
+        order = list(range(n)) if items is None else list(items)
         records: list[dict] = []
         if self.metric == "choice":
-            for i in range(n):
+            for i in order:
                 e = self.examples[i]
                 if not e.is_choice:
                     raise LmforgeError("the choice metric needs {question, choices, answer} items")
@@ -267,23 +277,23 @@ class Runner:
         if self.examples[0].is_choice:
             raise LmforgeError(f"choice items are scored with --metric choice, not {self.metric}")
         built, t_build = [], []
-        for i in range(n):
+        for i in order:
             t0 = time.perf_counter()
             built.append(self.build(i))
             t_build.append(time.perf_counter() - t0)  # retrieval and tokenization count toward latency
         recs: dict[int, dict] = {}
 
-        def done(i: int, g) -> None:
-            e = self.examples[i]
-            recs[i] = {"i": i, "prompt": built[i].text, "answer": e.answer, "prediction": g.text.strip(),
-                       "correct": score_generation(g.text, e.answer, self.metric), "shots": built[i].shots,
-                       "sources": built[i].sources, "prompt_tokens": g.prompt_tokens, "output_tokens": g.output_tokens,
-                       "latency_s": g.latency_s + t_build[i]}
+        def done(j: int, g) -> None:
+            i, e = order[j], self.examples[order[j]]
+            recs[j] = {"i": i, "prompt": built[j].text, "answer": e.answer, "prediction": g.text.strip(),
+                       "correct": score_generation(g.text, e.answer, self.metric), "shots": built[j].shots,
+                       "sources": built[j].sources, "prompt_tokens": g.prompt_tokens, "output_tokens": g.output_tokens,
+                       "latency_s": g.latency_s + t_build[j]}
             if advance:
                 advance(1, _running_acc(list(recs.values())))
 
         self.em.generate([b.ids for b in built], self.max_new_tokens, self.stop, concurrency, on_done=done)
-        return [recs[i] for i in range(n)]
+        return [recs[j] for j in range(len(order))]
 
 
 def _running_acc(records: list[dict]) -> str:

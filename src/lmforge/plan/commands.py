@@ -11,9 +11,11 @@ Each prints a readable table to stdout, or JSON with --json; run() returns the r
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
-from lmforge.config import opt
+from lmforge.config import command_line, opt
 from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS
 from lmforge.plan import calibrate as calib
@@ -24,8 +26,10 @@ _PRICES_HELP = "YAML file extending or overriding the shipped price table (same 
 _PRESET_HELP = f"a known model shape: {', '.join(PRESETS)}"
 
 
-def _emit(as_json: bool, result: dict, rep: Report) -> dict:
-    print(report.to_json(result) if as_json else rep.render(), end="" if not as_json else "\n")
+def _emit(cfg, result: dict, rep: Report) -> dict:
+    """Print the report (or JSON), naming the command that produced it."""
+    result["command"] = rep.command = command_line(cfg, f"lmforge {result['verb']}")
+    print(report.to_json(result) if cfg.json else rep.render(), end="" if not cfg.json else "\n")
     return result
 
 
@@ -97,7 +101,7 @@ def run_train(cfg: TrainPlanConfig) -> dict:
     rep.table(f"Memory per GPU (full training, AdamW mixed precision; micro-batch {cfg.micro_batch} x {cfg.seq_len} "
               f"tokens; activation checkpointing {'on' if cfg.activation_checkpointing else 'off'})", headers, rows)
     rep.lines("", [f"-> {result['memory_advice']}", f"prices: {gpu.price_source} ({gpu.date})"])
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
 
 
 # ---------------------------------------------------------------- plan finetune
@@ -164,7 +168,7 @@ def run_finetune(cfg: FinetunePlanConfig) -> dict:
               "qlora": "4-bit frozen weights + AdamW on adapters"}[cfg.method]
     rep.table(f"Memory per GPU ({frozen}; micro-batch {cfg.micro_batch} x {seq} tokens)", headers, rows)
     rep.lines("", [f"-> {result['memory_advice']}"])
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
 
 
 # ---------------------------------------------------------------- plan inference
@@ -227,7 +231,7 @@ def _inference_api(cfg: InferencePlanConfig, model: prices.ApiModel) -> dict:
     else:
         rows.append(("latency", "-", "give --tokens-per-s (the API's output speed) to estimate it"))
     rep.kv("Cost", rows)
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
 
 
 def _inference_self_hosted(cfg: InferencePlanConfig, table: prices.PriceTable, sh: shape.Shape) -> dict:
@@ -270,7 +274,7 @@ def _inference_self_hosted(cfg: InferencePlanConfig, table: prices.PriceTable, s
     result["warnings"] = warnings
     if warnings:
         rep.lines("", warnings)
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
 
 
 # ---------------------------------------------------------------- plan breakeven
@@ -317,7 +321,7 @@ def run_breakeven(cfg: BreakevenPlanConfig) -> dict:
             rows.append(("", f"{q / cfg.queries_per_month:,.1f} months", f"at {count(cfg.queries_per_month)} "
                                                                           "queries/month"))
     rep.kv("", rows)
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
 
 
 # ---------------------------------------------------------------- plan compare
@@ -326,6 +330,9 @@ def run_breakeven(cfg: BreakevenPlanConfig) -> dict:
 @dataclass
 class ComparePlanConfig:
     scenario: str | None = opt(None, "scenario YAML: workload, needs and options (see configs/scenario-example.yaml)")
+    measured: str | None = opt(None, "an `lmforge compare` --out directory: every variant becomes an option "
+                                     "(kind: measured), with its measured cost, latency and accuracy")
+    usd_per_hour: float | None = opt(None, "with --measured: reprice local variants at this $/hour (default: compare's)")
     queries_per_month: float | None = opt(None, "override the scenario's queries per month")
     months: float | None = opt(None, "override the scenario's horizon for spreading one-off costs")
     chart: str | None = opt("plan-compare.png", "write the cost-against-volume chart here (PNG); 'none' to skip")
@@ -334,10 +341,15 @@ class ComparePlanConfig:
 
 
 def run_compare(cfg: ComparePlanConfig) -> dict:
-    if not cfg.scenario:
-        raise LmforgeError("give --scenario FILE.yaml; configs/scenario-example.yaml shows the layout")
+    if not cfg.scenario and not cfg.measured:
+        raise LmforgeError("give --scenario FILE.yaml (configs/scenario-example.yaml shows the layout) and/or "
+                           "--measured DIR (the --out of `lmforge compare`)")
     table = prices.load_prices(cfg.prices)
-    sc = decision.load_scenario(cfg.scenario)
+    # without a scenario the needs are unknown: no variety is assumed (the rules about it stay silent)
+    sc = decision.load_scenario(cfg.scenario) if cfg.scenario else \
+        decision.Scenario(name="measured", options=[], needs=decision.Needs(variety=""))
+    if cfg.measured:
+        sc.options = list(sc.options) + decision.measured_options(cfg.measured, cfg.usd_per_hour)
     if cfg.queries_per_month is not None:
         sc.queries_per_month = cfg.queries_per_month
     if cfg.months is not None:
@@ -364,22 +376,26 @@ def run_compare(cfg: ComparePlanConfig) -> dict:
                           "capacity_per_unit": o.line.capacity_per_unit, "usd_per_month_at_volume": o.line.monthly(q, m),
                           "usd_per_query_at_volume": o.line.monthly(q, m) / q if q else None,
                           "latency_s": o.latency_s, "finetuned": o.finetuned, "rag": o.rag, "local": o.local,
-                          "from_scratch": o.from_scratch, "details": o.details})
+                          "from_scratch": o.from_scratch, "details": o.details,
+                          "measured": None if o.measured is None else
+                          {k: v for k, v in o.measured.items() if k != "paired"}})
     result = {"verb": "plan compare", "scenario": sc.name, "queries_per_month": q, "months": m,
               "input_tokens": sc.input_tokens, "output_tokens": sc.output_tokens,
               "needs": vars(sc.needs), "options": opts_json, "breakeven": pairs, "recommendation": rec,
               "chart": chart_path}
 
-    rep = Report(f"plan compare: {sc.name}, {count(q)} queries/month, {count(sc.input_tokens)} in + "
-                 f"{count(sc.output_tokens)} out tokens, one-offs over {m:g} months")
+    tokens = "" if all(o.kind == "measured" for o in options) else \
+        f", {count(sc.input_tokens)} in + {count(sc.output_tokens)} out tokens"
+    rep = Report(f"plan compare: {sc.name}, {count(q)} queries/month{tokens}, one-offs over {m:g} months")
     rows = []
     for o in options:
         monthly = o.line.monthly(q, m)
         rows.append([o.name, o.kind, usd(o.line.one_off), usd(o.line.per_query) if o.line.per_query else "-",
                      usd(o.line.per_month + o.line.unit_per_month * o.line.units(q)), usd(monthly),
-                     usd(monthly / q * 1000) if q else "-", seconds(o.latency_s)])
+                     usd(monthly / q * 1000) if q else "-", seconds(o.latency_s),
+                     f"{o.measured['accuracy']:.3f}" if o.measured else "-"])
     rep.table("Options at this volume", ["option", "kind", "one-off", "per query", "fixed/month", "total/month",
-                                         "per 1K queries", "latency"], rows)
+                                         "per 1K queries", "latency", "accuracy"], rows)
     be_rows = []
     for p in pairs:
         if not p["queries_per_month"]:
@@ -397,7 +413,7 @@ def run_compare(cfg: ComparePlanConfig) -> dict:
         notes.append(f"chart: {chart_path}")
     notes.append(f"prices: {', '.join(table.files)} (table dated {table.date})")
     rep.lines("", notes)
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
 
 
 # ---------------------------------------------------------------- plan calibrate
@@ -405,8 +421,10 @@ def run_compare(cfg: ComparePlanConfig) -> dict:
 
 @dataclass
 class CalibratePlanConfig:
-    run: str | None = opt(None, "run directory holding metrics.jsonl, e.g. runs/NAME")
-    usd_per_hour: float | None = opt(None, "what this machine costs per hour, $ (or give --gpu)")
+    run: str | None = opt(None, "run directory holding metrics.jsonl (e.g. runs/NAME), or the --out of "
+                                "`lmforge compare` (results.json: each variant's serving speed and cost)")
+    usd_per_hour: float | None = opt(None, "what this machine costs per hour, $ (or give --gpu; a compare run "
+                                           "defaults to the rate it was priced at)")
     gpu: str | None = opt(None, "take the hourly price of this GPU from the price table instead")
     tokens: float | None = opt(None, "also project the time and cost of this many tokens at the measured speed")
     prices: str | None = opt(None, _PRICES_HELP)
@@ -417,6 +435,10 @@ def run_calibrate(cfg: CalibratePlanConfig) -> dict:
     if not cfg.run:
         raise LmforgeError("give --run runs/NAME (a run directory with metrics.jsonl)")
     rate = cfg.usd_per_hour
+    if rate is None and cfg.gpu:
+        rate = prices.load_prices(cfg.prices).gpu(cfg.gpu).usd_per_hour
+    if (Path(cfg.run) / "results.json").is_file() and not (Path(cfg.run) / "metrics.jsonl").is_file():
+        return _calibrate_compare(cfg, rate)
     if rate is None:
         if not cfg.gpu:
             raise LmforgeError("say what the machine costs: --usd-per-hour 0.10, or --gpu NAME from the price table")
@@ -443,4 +465,27 @@ def run_calibrate(cfg: CalibratePlanConfig) -> dict:
     if res["lineage"] is not None:
         rep.lines("", ["final/lmforge.json: " + ", ".join(sorted(res["lineage"])) if isinstance(res["lineage"], dict)
                        else "final/lmforge.json present"])
-    return _emit(cfg.json, result, rep)
+    return _emit(cfg, result, rep)
+
+
+def _calibrate_compare(cfg: CalibratePlanConfig, rate: float | None) -> dict:
+    res = calib.calibrate_compare(cfg.run, rate)
+    result = {"verb": "plan calibrate", **res}
+    rep = Report(f"plan calibrate: {res['run']} (a compare run on {res['task']}, {res['n']} items)")
+    rows = []
+    for v in res["variants"]:
+        tps = "-" if v["tokens_per_s"] is None else (f"{v['tokens_per_s']:,.1f} ({v['tokens_per_s_range'][0]:,.1f}-"
+                                                      f"{v['tokens_per_s_range'][1]:,.1f})")
+        k = "-" if v["usd_per_1k"] is None else usd(v["usd_per_1k"]) + (
+            f" ({usd(v['usd_per_1k_range'][0])}-{usd(v['usd_per_1k_range'][1])})" if v["usd_per_1k_range"] else "")
+        rows.append([v["name"], v["kind"], f"{v['accuracy']:.3f}", tps, f"{v['tokens_in'] + v['tokens_out']:,.1f}",
+                     usd(v["usd_per_1m_tokens"]), k, v["price_basis"]])
+    rep.table("Measured (median, range over the timing passes)", ["variant", "kind", "accuracy", "tokens/machine-s",
+                                                                 "tokens/query", "$ / 1M tokens", "$ / 1k queries",
+                                                                 "basis"], rows)
+    t = res["timing"]
+    rep.lines("", [f"timing: {t.get('threads')} thread(s), {t.get('passes')} passes over {t.get('items')} items; "
+                   f"load average before {t.get('loadavg_before')}, after {t.get('loadavg_after')}",
+                   f"measured by: {res['command']}",
+                   "feed it to the decision: lmforge plan compare --measured " + shlex.quote(res["run"])])
+    return _emit(cfg, result, rep)

@@ -6,8 +6,15 @@ horizon over which one-off costs are spread), the needs, and the options. Each o
   self_hosted   a preset or --params model on a GPU (inference.self_hosted_query); `finetune:` and `pretrain:`
                 add their training bills (training.py) as one-off costs
   custom        figures you already know: per_query, one_off, per_month, latency_s
-The options are assumed good enough at the task (list only those you would accept; `lmforge eval compare` tells
-you which are). The recommendation is a rule list a reviewer can read: options that break a hard need (budget,
+  measured      a variant of an `lmforge compare` run (results: its --out, variant: its name): the per-query cost
+                compare measured (calibrate.measured_variant: machine time at its tokens/s, or an API's price,
+                through cost.usd_per_1k_queries), its latency, and its accuracy on the compare's items
+Options without a measurement are assumed good enough at the task (list only those you would accept). Measured
+options are compared on accuracy only where the evidence holds: an option is ranked down (a major gap) when it is
+significantly less accurate than the most accurate measured option, by McNemar's exact test on the same items at
+95% (compare's paired table). A difference that is not significant ranks nobody down, so a winner is never chosen,
+nor described, for an accuracy advantage that could be chance; options measured on different items are not
+compared on accuracy at all. The recommendation is a rule list a reviewer can read: options that break a hard need (budget,
 latency, data that must stay local, too few examples to finetune on, a model that does not fit its GPU) are out;
 the rest rank by how many major needs they miss (your documents without retrieval, open-ended requests on a
 narrow finetuned model, training from scratch although a base model exists, finetuning data of unknown size),
@@ -25,7 +32,7 @@ from typing import Any
 
 from lmforge.config import load_yaml
 from lmforge.errors import LmforgeError
-from lmforge.plan import cost, inference, report, shape, training
+from lmforge.plan import calibrate, cost, inference, report, shape, training
 from lmforge.plan.prices import PriceTable
 
 MIN_FINETUNE_EXAMPLES = 100  # below this, few-shot prompting beats a finetune
@@ -36,7 +43,7 @@ MINOR_GAP_PREMIUM = 0.5  # each minor miss weighs as 50% more monthly cost when 
 
 @dataclass
 class Needs:
-    variety: str = "broad"  # narrow: one well-defined task; broad: open-ended requests
+    variety: str = "broad"  # narrow: one well-defined task; broad: open-ended requests; "": not known
     consistent_format: bool = False  # outputs must follow a fixed format or house tone
     private_knowledge: bool = False  # answers depend on your own documents, which change
     examples_available: int | None = None  # input -> output examples you could finetune on
@@ -68,6 +75,7 @@ class Option:
     local: bool = False
     latency_s: float | None = None
     details: dict = field(default_factory=dict)
+    measured: dict | None = None  # a compare variant: accuracy, ci95, n, and the run's paired tests (`results`)
 
 
 # ---------------------------------------------------------------- reading a scenario
@@ -137,6 +145,7 @@ _KINDS = {
     "self_hosted": _COMMON | {"model", "params", "gpu", "weight_bits", "batch", "usd_per_hour", "always_on",
                               "bandwidth_efficiency", "mfu", "finetune", "pretrain"},
     "custom": _COMMON | {"per_query", "local", "from_scratch"},
+    "measured": _COMMON | {"results", "variant", "usd_per_hour", "always_on", "from_scratch"},
 }
 _FINETUNE = {"method", "examples", "tokens_per_example", "epochs", "gpu", "gpus", "mfu", "usd_per_hour"}
 _PRETRAIN = {"tokens", "gpu", "gpus", "mfu", "usd_per_hour", "seq_len"}
@@ -218,6 +227,8 @@ def build_option(raw: dict, sc: Scenario, prices: PriceTable, index: int = 0) ->
             details["pretrain"] = pt
             one_off += pt["usd"]
             opt.from_scratch = True
+    elif kind == "measured":
+        _measured(raw, opt, where)
     else:
         opt.line.per_query = _take(raw, "per_query", float, where, 0.0)
         opt.local = _take(raw, "local", bool, where, False)
@@ -225,8 +236,56 @@ def build_option(raw: dict, sc: Scenario, prices: PriceTable, index: int = 0) ->
     if latency is not None:
         opt.latency_s = latency
     opt.line.one_off, opt.line.per_month = one_off, per_month
-    opt.details = details
+    opt.details = {**details, **opt.details}
     return opt
+
+
+def _measured(raw: dict, opt: Option, where: str) -> None:
+    """Fill a `kind: measured` option from its compare run."""
+    results = _take(raw, "results", str, where, required=True)
+    name = _take(raw, "variant", str, where, opt.name)
+    data = calibrate.calibrate_compare(results, _take(raw, "usd_per_hour", float, where, None))
+    found = {v["name"]: v for v in data["variants"]}
+    if name not in found:
+        raise LmforgeError(f"{where}: {data['results']} has no variant {name!r} (it has {', '.join(found)}); "
+                           "set variant: NAME")
+    m = found[name]
+    if m["usd_per_1k"] is None:
+        raise LmforgeError(f"{where}: variant {name} of {data['results']} has no cost ({m['price_basis'] or 'not timed'}); "
+                           "rerun compare with timing, or give the API's price")
+    opt.line.per_query = m["usd_per_1k"] / 1000
+    if m["kind"] == "local" and _take(raw, "always_on", bool, where, False):
+        # whole machines at usd_per_hour; one serves as many queries a month as its measured speed allows
+        seconds = (m["tokens_in"] + m["tokens_out"]) / m["tokens_per_s"]
+        opt.line.per_query = 0.0
+        opt.line.unit_per_month = cost.HOURS_PER_MONTH * m["usd_per_hour"]
+        opt.line.capacity_per_unit = cost.HOURS_PER_MONTH * 3600 / seconds
+    opt.latency_s = m["latency_s"]
+    opt.local = m["kind"] == "local"
+    opt.rag = opt.rag or m["rag"]
+    opt.from_scratch = _take(raw, "from_scratch", bool, where, False)
+    opt.measured = {"results": data["results"], "variant": name, "accuracy": m["accuracy"], "ci95": m["ci95"],
+                    "n": m["n"], "paired": data["paired"]}
+    opt.details = {"measured": {k: v for k, v in m.items() if k != "prompt"}, "compare_command": data["command"]}
+
+
+def measured_options(results: str | Path, usd_per_hour: float | None = None) -> list[dict]:
+    """Scenario options (kind: measured) for every variant of a compare run: `plan compare --measured DIR`."""
+    data = calibrate.calibrate_compare(results, usd_per_hour)
+    out = []
+    for v in data["variants"]:
+        raw = {"name": v["name"], "kind": "measured", "results": str(results), "variant": v["name"]}
+        if usd_per_hour is not None:
+            raw["usd_per_hour"] = usd_per_hour
+        out.append(raw)
+    return out
+
+
+def accuracy_test(a: Option, b: Option) -> dict | None:
+    """The paired test of b against a (b - a), when both were measured on the same items (one compare run)."""
+    if not a.measured or not b.measured or a.measured["results"] != b.measured["results"]:
+        return None
+    return calibrate.paired_test(a.measured["paired"], a.measured["variant"], b.measured["variant"])
 
 
 def _finetune_bill(raw: Any, sh: shape.Shape, sc: Scenario, prices: PriceTable, where: str) -> dict:
@@ -296,13 +355,62 @@ def _assess(opt: Option, sc: Scenario) -> tuple[list[str], list[str], list[str]]
                     "when they change (finetuning does not reliably add facts)")
     if n.consistent_format and not opt.finetuned:
         minor.append("a fixed format or tone rests on the prompt alone; a finetune on examples holds it more reliably")
-    if n.variety == "broad" and opt.finetuned and opt.kind == "self_hosted":
+    if n.variety == "broad" and opt.finetuned and opt.local and opt.kind in ("self_hosted", "measured"):
         gaps.append("requests are open-ended, and a small model finetuned on one task handles little else")
     if opt.from_scratch and not n.no_suitable_base_model:
         gaps.append("trains from scratch although an open base model exists; finetuning one costs a fraction")
     if opt.finetuned and n.examples_available is None:
         gaps.append("needs finetuning data, and the scenario does not say how many examples exist")
     return blockers, gaps, minor
+
+
+def _accuracy_gaps(assessed: list[dict]) -> Option | None:
+    """Rank down (a major gap) each measured option significantly less accurate than the most accurate one.
+    Returns that most accurate option (among those no hard need rules out, if any), or None."""
+    measured = [a for a in assessed if a["option"].measured]
+    if len(measured) < 2:
+        return None
+    pool = [a for a in measured if not a["blockers"]] or measured
+    top = max(pool, key=lambda a: a["option"].measured["accuracy"])["option"]
+    for a in measured:
+        o = a["option"]
+        t = accuracy_test(top, o)
+        if o is top or t is None or not t["significant"] or t["diff"] >= 0:
+            continue
+        a["gaps"].append(f"significantly less accurate than {top.name}: {t['accuracy_b']:.3f} vs "
+                         f"{t['accuracy_a']:.3f} on the same {t['n']} items (McNemar p={t['p_value']:.2g})")
+    return top
+
+
+def _accuracy_reasons(win: Option, others: list[Option], top: Option | None) -> list[str]:
+    """What the measured accuracies say about the winner, claiming no difference the paired test does not show."""
+    if not win.measured:
+        return []
+    acc = win.measured["accuracy"]
+    tested = [(o, accuracy_test(win, o)) for o in others if o.measured]
+    unpaired = [o.name for o, t in tested if t is None]
+    tested = [(o, t) for o, t in tested if t is not None]
+    if not tested:
+        return [f"accuracy: {acc:.3f} on {win.measured['n']} items"
+                + (f"; {', '.join(unpaired)} measured on other items, so not compared" if unpaired else "")]
+    beats = [f"{o.name} ({t['accuracy_b']:.3f}, p={t['p_value']:.2g})" for o, t in tested if t["significant"] and t["diff"] < 0]
+    beaten_by = [f"{o.name} ({t['accuracy_b']:.3f}, p={t['p_value']:.2g})" for o, t in tested if t["significant"] and t["diff"] > 0]
+    tied = [f"{o.name} ({t['accuracy_b']:.3f}, p={t['p_value']:.2g})" for o, t in tested if not t["significant"]]
+    out = []
+    if beats:
+        out.append(f"accuracy: {acc:.3f}, significantly more accurate than {', '.join(beats)}")
+    if beaten_by:
+        out.append(f"accuracy: {acc:.3f}, significantly less accurate than {', '.join(beaten_by)}, which a hard "
+                   "need or a larger gap ranks below it")
+    if tied:
+        out.append(f"accuracy: {acc:.3f} is not significantly different from {', '.join(tied)} (McNemar's exact "
+                   "test at 95% on the same items), so accuracy does not decide between them; cost and needs do")
+    if not beats and not beaten_by:
+        out.append("accuracy: no measured option differs from this one beyond chance on these items; more items "
+                   "would tell them apart, if anything does")
+    if unpaired:
+        out.append(f"accuracy: {', '.join(unpaired)} measured on other items; not compared")
+    return out
 
 
 def recommend(sc: Scenario, options: list[Option]) -> dict:
@@ -314,6 +422,7 @@ def recommend(sc: Scenario, options: list[Option]) -> dict:
         monthly = opt.line.monthly(q, months)
         assessed.append({"option": opt, "blockers": blockers, "gaps": gaps, "minor_gaps": minor, "monthly": monthly,
                          "weighted": monthly * (1 + MINOR_GAP_PREMIUM * len(minor))})
+    top = _accuracy_gaps(assessed)
     assessed.sort(key=lambda a: (len(a["blockers"]) > 0, len(a["gaps"]), a["weighted"]))
     best = assessed[0]
     win: Option = best["option"]
@@ -342,6 +451,7 @@ def recommend(sc: Scenario, options: list[Option]) -> dict:
                                                                      if len(pts) > 1 else ""))
     if best["minor_gaps"]:
         reasons.append("cheap enough to accept a minor gap: " + "; ".join(best["minor_gaps"]))
+    reasons += _accuracy_reasons(win, [a["option"] for a in others], top)
 
     # the needs, one by one
     if n.variety == "narrow" and win.finetuned:
@@ -391,5 +501,6 @@ def recommend(sc: Scenario, options: list[Option]) -> dict:
                 why.append(f"costs {report.usd(a['monthly'])}/month, {report.usd(a['monthly'] - best['monthly'])} more")
         why_not.append({"option": a["option"].name, "reasons": why})
     ranking = [{"option": a["option"].name, "usd_per_month": a["monthly"], "blockers": a["blockers"],
-                "gaps": a["gaps"], "minor_gaps": a["minor_gaps"]} for a in assessed]
+                "gaps": a["gaps"], "minor_gaps": a["minor_gaps"],
+                "accuracy": a["option"].measured["accuracy"] if a["option"].measured else None} for a in assessed]
     return {"recommended": win.name, "reasons": reasons, "why_not": why_not, "ranking": ranking}
