@@ -21,7 +21,8 @@ ALLOWED = {
     "pretrain": {"training", "model", "tokenizer", "data", "checkpoint"},
     "finetune": {"training", "model", "tokenizer", "data", "checkpoint"},
     "inference": {"model", "tokenizer", "checkpoint", "gguf"},
-    "serve": {"inference", "tokenizer", "rag"},  # the server grounds answers in an index (--rag)
+    "serve": {"inference", "tokenizer", "rag", "jobs"},  # grounds answers in an index (--rag); runs fine-tuning jobs
+    "jobs": {"finetune", "data", "checkpoint", "tokenizer"},
     "rag": {"inference", "tokenizer"},
     "eval": {"inference", "data", "model", "checkpoint", "rag", "plan", "tokenizer"},
     "plan": {"model"},

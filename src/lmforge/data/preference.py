@@ -6,6 +6,8 @@ Accepted shapes (per line):
   {"prompt": [messages], "chosen": [messages] | "text", "rejected": ...}      multi-turn history, then the answers
   {"chosen": [full conversation], "rejected": [full conversation]}           (Anthropic HH style) the prompt is
                                                                                the messages both share
+  {"input": {"messages": [...]}, "preferred_output": [messages],              OpenAI's DPO fine-tuning format
+   "non_preferred_output": [messages]}
 A chosen/rejected list that repeats the prompt messages at its start is accepted too (the repeat is dropped).
 Rendering, masks and truncation are data/sft.py's: the same chat template, the same assistant-span location,
 so a response's log-probability is measured on exactly the tokens SFT would train on. A pair is dropped (and
@@ -39,10 +41,25 @@ class Pair:
     source: str = ""
 
 
+def openai_input(record: dict) -> list[dict]:
+    """The prompt messages of an OpenAI-format record's `input` ({"messages": [...]}, tools ignored)."""
+    inp = record.get("input")
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise RecordError("'input' must be an object with 'messages' (the conversation so far)")
+    return as_messages(inp["messages"], "user", "input.messages")
+
+
 def to_preference(record: Any) -> tuple[list[dict], list[dict], list[dict]]:
     """(prompt messages, chosen response messages, rejected response messages) of one record."""
     if not isinstance(record, dict):
         raise RecordError(f"each line must be a JSON object, got {type(record).__name__}")
+    if "preferred_output" in record or "non_preferred_output" in record:
+        for k in ("preferred_output", "non_preferred_output"):
+            if k not in record:
+                raise RecordError(f"OpenAI DPO records need 'input', 'preferred_output' and 'non_preferred_output'; "
+                                  f"'{k}' is missing")
+        record = {"prompt": openai_input(record), "chosen": record["preferred_output"],
+                  "rejected": record["non_preferred_output"]}
     if "chosen" not in record or "rejected" not in record:
         raise RecordError(f"preference records need 'chosen' and 'rejected' (and usually 'prompt'); got keys "
                           f"{sorted(record)[:8]}")
@@ -70,6 +87,25 @@ def to_preference(record: Any) -> tuple[list[dict], list[dict], list[dict]]:
     if chosen == rejected:
         raise RecordError("'chosen' and 'rejected' are identical: nothing to prefer")
     return prompt, chosen, rejected
+
+
+def to_unpaired(record: Any) -> tuple[list[dict], list[dict], bool]:
+    """(prompt messages, completion messages, desirable?) of one unpaired (KTO) record: TRL's
+    {"prompt", "completion", "label": true|false}, strings or message lists."""
+    if not isinstance(record, dict):
+        raise RecordError(f"each line must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in ("prompt", "completion", "label") if k not in record]
+    if missing:
+        raise RecordError(f"unpaired (KTO) records need 'prompt', 'completion' and 'label'; missing "
+                          f"{', '.join(repr(k) for k in missing)}")
+    if not isinstance(record["label"], bool):
+        raise RecordError(f"'label' must be true (a desirable completion) or false (undesirable), got "
+                          f"{record['label']!r}")
+    prompt = as_messages(record["prompt"], "user", "prompt")
+    completion = as_messages(record["completion"], "assistant", "completion")
+    if not any(m["role"] == "assistant" for m in completion):
+        raise RecordError("'completion' holds no assistant message")
+    return prompt, completion, record["label"]
 
 
 def load_preferences(path: str | Path, tokenizer: Tokenizer, seq_len: int, *, skip_bad: bool = False,

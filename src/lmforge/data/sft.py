@@ -1,7 +1,8 @@
 """Supervised finetuning data: JSONL records -> chat messages -> token ids with a loss mask -> padded or packed batches.
 
 Record shapes (detected per line, or named with `fmt`):
-  messages           {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (OpenAI; multi-turn)
+  messages           {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (OpenAI; multi-turn;
+                     an assistant turn with "weight": 0 is context only)
   alpaca             {"instruction", "input" (optional), "output", "system" (optional)}
   sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
   prompt_completion  {"prompt", "completion"}: strings (a user turn and an assistant turn) or message lists
@@ -93,6 +94,9 @@ def _check_messages(messages: Any, what: str = "messages") -> list[dict]:
             pass
         elif not isinstance(c, (str, list)):
             raise RecordError(f"'{what}'[{j}] ({m['role']}) needs 'content' as a string or a list of parts")
+        if "weight" in m and m["weight"] not in (0, 1):
+            raise RecordError(f"'{what}'[{j}] has weight {m['weight']!r}; a weight is 0 (do not train on this "
+                              "turn) or 1")
         out.append(dict(m))
     return out
 
@@ -299,10 +303,14 @@ def _spans_by_prefixes(render: Callable, messages: list[dict], full: str,
 def assistant_spans(render: Callable, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of assistant turns at index >= train_from."""
     full = render(messages)
-    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= train_from]
+    # OpenAI's multi-turn format: an assistant message with "weight": 0 is context, not a target
+    turns = [i for i, m in enumerate(messages)
+             if m.get("role") == "assistant" and i >= train_from and m.get("weight", 1) != 0]
     if not turns:
         return full, []
-    if "generation" in render.template and re.search(r"{%-?\s*generation\s*-?%}", render.template):
+    weighted = any("weight" in m for m in messages)
+    if (not weighted and "generation" in render.template
+            and re.search(r"{%-?\s*generation\s*-?%}", render.template)):
         text, spans = render(messages, spans=True)
         if spans and train_from == 0:
             return text, spans

@@ -4,7 +4,8 @@ Routes (each on a router of its own module): GET / (the chat page), GET /health,
 GET /v1/models, POST /v1/chat/completions, POST /v1/completions (openai.py), streaming with SSE or not, n > 1,
 stop strings, logprobs (of the prompt too, with echo), usage, structured output and tool calls (structured.py);
 POST /v1/embeddings (embeddings.py); GET /tokenizer_info, POST /tokenize, POST /detokenize (tokens.py, vLLM's);
-GET /openapi.json (the request bodies and answers, as declared by each route).
+GET /openapi.json (the request bodies and answers, as declared by each route); with a jobs directory, OpenAI's
+/v1/files (files.py) and /v1/fine_tuning/jobs (fine_tuning.py), and POST /v1/feedback (feedback.py).
 
 The server, module by module: state.py (ServerState, EngineOptions: what handlers read), request.py (the key,
 the body under a size limit, the model, the token budget), schemas.py (request bodies and their ranges),
@@ -35,8 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge import __version__
 from lmforge.inference.load import LoadedModel
-from lmforge.serve import embeddings, openai, site, tokens
+from lmforge.serve import embeddings, feedback, files, fine_tuning, openai, site, tokens
 from lmforge.serve.errors import APIError, ClientGone
+from lmforge.serve.fine_tuning import JobsOptions
 from lmforge.serve.guard import Guard
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.request import DOCUMENTED
@@ -49,25 +51,45 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
                loader: Callable[[], dict[str, LoadedModel]] | None = None, api_key: str | None = None,
                engine: EngineOptions | None = None, max_body_bytes: int = 2_000_000,
                rag: dict[str, RagFactory] | None = None, prompt_timeout: float = 10.0,
-               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
+               jobs: JobsOptions | None = None) -> FastAPI:
     """The app. Pass loaded `models` (name -> LoadedModel), or a `loader` run in a thread at startup
     (/health says 503 until it returns). engine: how each model's Engine is built. rag: served name ->
     factory(tokenizer) of a retrieval hook (messages, budget) -> (messages, sources); chat answers of that
     model then carry a `sources` field. prompt_timeout: seconds a request's chat template and tokenization
     may take. allowed_hosts, cors_origins: see guard.py (default: IP addresses and localhost; no other
-    site's pages)."""
+    site's pages). jobs: the fine-tuning API's directory and settings (files, jobs, feedback; None: those
+    routes say the API is off)."""
     state = ServerState(engine_options=engine or EngineOptions(), api_key=api_key, max_body_bytes=max_body_bytes,
                         rag_factories=dict(rag or {}), prompt_timeout=prompt_timeout)
+    if jobs is not None:
+        from lmforge.jobs.runner import JobRunner
+
+        state.jobs = JobRunner(jobs.dir, jobs.run, on_success=lambda job: fine_tuning.serve_finetuned(state, job))
+        state.jobs.store.keep_responses = jobs.keep_responses
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if models:
             state.add(models)
+            if state.jobs is not None:
+                fine_tuning.serve_earlier_jobs(state)
         elif loader is not None:
-            state.load_in_background(loader)
+            if state.jobs is None:
+                state.load_in_background(loader)
+            else:  # earlier jobs' models are part of what loads before /health says ready
+                def load_all():
+                    state.add(loader())
+                    fine_tuning.serve_earlier_jobs(state)
+                    return {}
+                state.load_in_background(load_all)
         else:
             state.ready = True
+        if state.jobs is not None:
+            state.jobs.start()
         yield
+        if state.jobs is not None:
+            state.jobs.stop()
         state.stop()
 
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -76,12 +98,17 @@ def create_app(models: dict[str, LoadedModel] | None = None, *,
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(Exception, server_bug)
+    app.state.lmforge_jobs = jobs
+    if state.jobs is not None:  # inside Guard: a refused request is never remembered
+        app.add_middleware(feedback.RememberReplies, store=state.jobs.store)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts or (), cors_origins=cors_origins or ())
     app.add_middleware(CountRequests, metrics=state.metrics)  # added last: outermost, so it counts refusals too
     app.include_router(site.router)
     app.include_router(openai.router)
     app.include_router(embeddings.router)
     app.include_router(tokens.router)
+    for router in (files.router, fine_tuning.router, feedback.router):
+        app.include_router(router)
     app.openapi = lambda: openapi_document(app)
     return app
 

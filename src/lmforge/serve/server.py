@@ -9,6 +9,9 @@ it decodes at the base model's speed). The port answers /health with 503 while t
 Browsers: requests whose Host is a name other than localhost, the machine's own (when listening beyond
 loopback) or an --allowed-hosts one are refused, and so are other sites' pages unless --cors-origin names
 them (serve/guard.py says why).
+
+--jobs-dir holds the fine-tuning API's state (docs/jobs.md): a restarted server serves every earlier job's model
+again and resumes the job that was running.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ class ServeConfig:
     rag: list[str] = opt(help="ground a served model's chat answers in a RAG index, as NAME=INDEX_DIR (repeatable); "
                               "answers then carry a `sources` field", default_factory=list)
     rag_top_k: int = opt(4, "chunks retrieved per question (with --rag)")
+    jobs_dir: str = opt("runs/jobs", "where fine-tuning files, jobs, their runs and feedback live (SQLite + run "
+                                     "directories); '' turns /v1/files, /v1/fine_tuning and /v1/feedback off")
+    jobs_threads: int = opt(0, "CPU threads of a fine-tuning job's worker process (0: the recipe's choice)")
+    jobs_checkpoint_every: int = opt(100, "steps between a job's checkpoints at most (also one per epoch)")
+    jobs_lora_rank: int = opt(16, "LoRA rank of fine-tuning jobs")
+    jobs_arg: list[str] = opt(help="one more finetune recipe flag for every job (repeatable, in order), e.g. "
+                                   "--jobs-arg=--train.device --jobs-arg=cuda", default_factory=list)
+    max_file_mb: float = opt(512.0, "largest fine-tuning file accepted by POST /v1/files, in MB")
     log_level: str = opt("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -129,10 +140,19 @@ def run(cfg: ServeConfig) -> int:
         torch.set_num_threads(cfg.threads)
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
     engine = EngineOptions(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len, compile=cfg.compile)
+    jobs = None
+    if cfg.jobs_dir:
+        from lmforge.jobs.spec import RunOptions
+        from lmforge.serve.fine_tuning import JobsOptions
+
+        run_opts = RunOptions(lora_rank=cfg.jobs_lora_rank, lora_alpha=2.0 * cfg.jobs_lora_rank,
+                              checkpoint_every=cfg.jobs_checkpoint_every, threads=cfg.jobs_threads or None,
+                              extra_args=tuple(cfg.jobs_arg))
+        jobs = JobsOptions(Path(cfg.jobs_dir), run_opts, max_file_bytes=int(cfg.max_file_mb * 1e6))
     app = create_app(loader=make_loader(specs, cfg.dtype, cfg.quantize), api_key=key, engine=engine,
                      max_body_bytes=int(cfg.max_body_mb * 1e6), prompt_timeout=cfg.prompt_timeout,
                      allowed_hosts=machine_names(cfg.host) + cfg.allowed_hosts, cors_origins=cfg.cors_origin,
-                     rag=rag_factories(cfg.rag, [name for name, _, _ in specs], cfg.rag_top_k))
+                     rag=rag_factories(cfg.rag, [name for name, _, _ in specs], cfg.rag_top_k), jobs=jobs)
     print(f"lmforge serve: http://{cfg.host}:{cfg.port}/ (chat page), OpenAI API at http://{cfg.host}:{cfg.port}/v1"
           + (" (API key required)" if key else ""), file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

@@ -2,7 +2,8 @@
 
 Owns: `EngineOptions` (the engine parameters every served model gets, as typed fields) and `ServerState`
 (models and engines by served name, retrieval hooks, the API key, body limit and prompt time limit, readiness
-or the loading error, the HTTP counters). The app keeps one ServerState in `app.state.lmforge`; handlers reach it with
+or the loading error, the HTTP counters, the fine-tuning job runner). Models may be added while the server
+runs (`add_model`). The app keeps one ServerState in `app.state.lmforge`; handlers reach it with
 `server(request)`. Loading in a background thread lives here too, so /health can say 503 until it is done.
 """
 
@@ -12,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -59,15 +61,26 @@ class ServerState:
     load_error: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
     embedder: object | None = None  # the sentence encoder of /v1/embeddings, loaded on its first request
+    jobs: Any = None  # the fine-tuning JobRunner (jobs/runner.py), or None when the server has no jobs dir
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, models: dict[str, LoadedModel]) -> None:
         """Start an engine for each model (and open its retrieval index); then the server is ready."""
         for name, lm in models.items():
-            engine = self.engine_options.engine(lm).start()
-            self.models[name], self.engines[name] = lm, engine
-            if name in self.rag_factories:
-                self.augment[name] = self.rag_factories[name](lm.tokenizer)
+            self.add_model(name, lm)
         self.ready = True
+
+    def add_model(self, name: str, lm: LoadedModel) -> None:
+        """Serve one more model, from any thread, while requests run (a fine-tuned model the moment its job
+        succeeds). The dicts are replaced, never changed in place, so a handler iterating them is unaffected."""
+        with self._lock:
+            if name in self.engines:
+                return
+            engine = self.engine_options.engine(lm).start()
+            if name in self.rag_factories:
+                self.augment = {**self.augment, name: self.rag_factories[name](lm.tokenizer)}
+            self.models = {**self.models, name: lm}
+            self.engines = {**self.engines, name: engine}
 
     def load_in_background(self, loader: Callable[[], dict[str, LoadedModel]]) -> None:
         """Run `loader` in a thread and add what it returns; a failure is kept for /health, not raised."""
