@@ -67,3 +67,33 @@ def test_preference_stats_and_errors():
         dpo_loss(*(torch.zeros(1),) * 4, loss_type="hinge2")
     with pytest.raises(LmforgeError, match="beta"):
         dpo_loss(*(torch.zeros(1),) * 4, beta=0)
+
+
+def test_kto_loss_by_hand():
+    from lmforge.finetune.losses import kto_loss, kto_stats
+
+    pol = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -3.0])
+    good = torch.tensor([True, False, True])
+    pol_kl, ref_kl = torch.tensor([-4.0, -5.0]), torch.tensor([-4.5, -4.5])  # mean difference 0: z0 = 0
+    losses, rewards, z0 = kto_loss(pol, ref, good, pol_kl, ref_kl, beta=2.0, desirable_weight=1.0,
+                                   undesirable_weight=3.0)
+    assert float(z0) == 0.0
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = [1 - sig(2.0 * 0.5), 3.0 * (1 - sig(2.0 * (0 - -1.0))), 1 - sig(0.0)]
+    assert losses.tolist() == pytest.approx(want, rel=1e-6)
+    assert rewards.tolist() == pytest.approx([1.0, -2.0, 0.0])
+    losses.sum().backward()
+    assert pol.grad[0] < 0 and pol.grad[1] > 0  # raise desirable log-probs, lower undesirable ones
+    # z0 is the clamped mean KL estimate, a constant: it shifts the value, never takes gradient
+    kl_pol = torch.tensor([0.0, 1.0], requires_grad=True)
+    losses, _, z0 = kto_loss(pol.detach(), ref, good, kl_pol, torch.tensor([-1.0, 0.0]), beta=1.0)
+    assert float(z0) == 1.0
+    assert losses[0].item() == pytest.approx(1 - sig(0.5 - 1.0))
+    assert not losses.requires_grad
+    _, _, z0 = kto_loss(pol, ref, good, torch.tensor([-9.0]), torch.tensor([-1.0]))
+    assert float(z0) == 0.0  # clamped at 0
+    assert kto_stats(torch.tensor([1.0, -2.0, 0.0]), good) == {"reward_desirable": 0.5, "reward_undesirable": -2.0,
+                                                               "reward_margin": 2.5}
+    with pytest.raises(LmforgeError):
+        kto_loss(pol, ref, good, pol_kl, ref_kl, beta=0.0)

@@ -1,5 +1,6 @@
-"""Preference pairs for DPO: {"prompt", "chosen", "rejected"} records -> two tokenized conversations whose loss masks
-cover only the responses.
+"""Preference data: pairs for DPO ({"prompt", "chosen", "rejected"} records -> two tokenized conversations whose loss
+masks cover only the responses), and unpaired ratings for KTO ({"prompt", "completion", "label": bool}, TRL's
+format, -> one conversation each, plus the mismatched prompt/completion pairs KTO's KL estimate needs).
 
 Accepted shapes (per line):
   {"prompt": "text", "chosen": "text", "rejected": "text"}                  a user turn and two assistant answers
@@ -157,3 +158,69 @@ def pair_examples(pairs: list[Pair], idx: list[int]) -> tuple[list[Example], lis
     """The examples and rows for one forward over a batch of pairs: rows 0..n-1 chosen, n..2n-1 rejected."""
     examples = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
     return examples, [[k] for k in range(len(examples))]
+
+
+@dataclass
+class Unpaired:
+    """One rated completion (KTO): prompt + completion tokenized with the loss mask on the completion, whether it
+    is desirable, and the messages (the KL estimate pairs a prompt with another record's completion)."""
+
+    example: Example
+    desirable: bool
+    prompt: list[dict]
+    completion: list[dict]
+    source: str = ""
+
+
+def load_unpaired(path: str | Path, tokenizer: Tokenizer, seq_len: int, *, skip_bad: bool = False,
+                  template: str | None = None,
+                  records: list[tuple[str, Any]] | None = None) -> tuple[list[Unpaired], ReadStats]:
+    """Read, render and tokenize unpaired (KTO) records: {"prompt", "completion", "label"} (see to_unpaired)."""
+    render = chat_renderer(tokenizer, template)
+    stats = ReadStats()
+
+    def parse(record: Any) -> Unpaired:
+        prompt, completion, label = to_unpaired(record)
+        try:
+            ex = encode_chat(tokenizer, render, prompt + completion, train_from=len(prompt))
+        except LmforgeError as e:
+            raise RecordError(str(e)) from None
+        return Unpaired(ex, label, prompt, completion)
+
+    if records is not None:
+        def gen():
+            for where, r in records:
+                try:
+                    yield where, parse(r)
+                except RecordError as e:
+                    raise LmforgeError(f"{where}: {e}") from None
+        source = gen()
+    else:
+        source = read_jsonl(path, parse, skip_bad, stats)
+    out = []
+    for where, item in source:
+        if records is not None:
+            stats.records += 1
+        ex, cut = truncate(item.example, seq_len + 1)
+        stats.truncated += cut
+        if not any(ex.train[1:]):
+            stats.dropped_empty += 1
+            continue
+        stats.tokens += len(ex)
+        stats.train_tokens += sum(ex.train[1:])
+        out.append(Unpaired(Example(ex.ids, ex.train, where), item.desirable, item.prompt, item.completion, where))
+    if not out:
+        raise LmforgeError(f"{path}: no record has a completion to score ({stats.records} read, {stats.skipped_bad} "
+                           f"skipped as malformed, {stats.dropped_empty} truncated to nothing at seq_len {seq_len})")
+    return out, stats
+
+
+def mismatched(tokenizer: Tokenizer, render: Any, items: list[Unpaired], idx: list[int], seq_len: int) -> list[Example]:
+    """KTO's KL pairs for a batch idx: prompt of idx[k] with the completion of idx[k - 1] (TRL's offset of one), so
+    no prompt meets its own completion when the batch holds two or more records."""
+    out = []
+    for k, i in enumerate(idx):
+        j = idx[k - 1]
+        ex = encode_chat(tokenizer, render, items[i].prompt + items[j].completion, train_from=len(items[i].prompt))
+        out.append(truncate(ex, seq_len + 1)[0])
+    return out

@@ -7,6 +7,9 @@ values.
 - `dpo_loss`: Direct Preference Optimization (Rafailov et al. 2023, eq. 7), the sigmoid loss with optional label
   smoothing (conservative DPO), and IPO (Azar et al. 2023, eq. 17) as an option; returns per-pair losses and the
   implicit rewards beta * (log pi - log pi_ref) that the log reports.
+- `kto_loss`: Kahneman-Tversky Optimization (Ethayarajh et al. 2024, eq. 8) on unpaired desirable/undesirable
+  completions, with the reference point z0 = KL(pi || pi_ref) estimated, as TRL's KTOTrainer does, from
+  mismatched prompt/completion pairs of the same batch, clamped at 0 and not differentiated.
 
 SFT's objective is not here: it is next-token cross-entropy on the assistant tokens, the same arithmetic as
 pretraining's, so it is training/step.py's `lm_loss_sum` (fused, never holding the batch's logits) on targets
@@ -75,3 +78,35 @@ def preference_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tenso
     return {"reward_chosen": float(chosen_rewards.mean()), "reward_rejected": float(rejected_rewards.mean()),
             "reward_margin": float((chosen_rewards - rejected_rewards).mean()),
             "pref_accuracy": float((chosen_rewards > rejected_rewards).float().mean())}
+
+
+def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, policy_kl: torch.Tensor,
+             reference_kl: torch.Tensor, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example KTO losses [B], implicit rewards beta * (log pi - log ref) [B], and the KL estimate z0 (scalar).
+
+    policy, reference: sequence log-probs [B] of each completion given its prompt; desirable: bool [B];
+    policy_kl, reference_kl: sequence log-probs [M] of mismatched (prompt, another completion) pairs. With
+    r = log pi(y|x) - log ref(y|x) and z0 = max(0, mean(policy_kl - reference_kl)), detached:
+      desirable    lambda_D * (1 - sigmoid(beta * (r - z0)))
+      undesirable  lambda_U * (1 - sigmoid(beta * (z0 - r)))
+    (the paper's lambda_y - v(x, y), less the constant lambda_y * 0 it leaves out, as TRL writes it).
+    """
+    if beta <= 0:
+        raise LmforgeError(f"KTO beta must be positive, got {beta}")
+    if desirable_weight <= 0 or undesirable_weight <= 0:
+        raise LmforgeError("KTO's desirable and undesirable weights must be positive")
+    z0 = (policy_kl - reference_kl).mean().clamp(min=0).detach()
+    r = policy - reference
+    value = torch.where(desirable, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))
+    weight = torch.where(desirable, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    return weight * (1 - value), beta * r.detach(), z0
+
+
+def kto_stats(rewards: torch.Tensor, desirable: torch.Tensor) -> dict[str, float]:
+    """Mean reward of desirable and of undesirable completions and their margin (NaN-free: absent kinds count 0)."""
+    d = rewards[desirable]
+    u = rewards[~desirable]
+    rd = float(d.mean()) if d.numel() else 0.0
+    ru = float(u.mean()) if u.numel() else 0.0
+    return {"reward_desirable": rd, "reward_undesirable": ru, "reward_margin": rd - ru}
