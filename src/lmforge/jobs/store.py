@@ -208,10 +208,17 @@ class Store:
         return self._one("SELECT * FROM responses WHERE id = ?", (response_id,))
 
     def add_feedback(self, row: dict) -> dict:
-        """Store a rating; a second rating of the same reply (and choice) replaces the first."""
+        """Store feedback on a reply. Later feedback on the same reply (and choice) updates it: a new rating
+        replaces the old one, a new corrected text the old one, and what the new one leaves out is kept."""
         row = {"id": new_id("fb-"), "created_at": now(), **row}
         with self._lock:
-            self._exec("DELETE FROM feedback WHERE response_id = ? AND choice = ?", (row["response_id"], row["choice"]))
+            old = self._one("SELECT * FROM feedback WHERE response_id = ? AND choice = ?",
+                            (row["response_id"], row["choice"]))
+            if old is not None:
+                for k in ("rating", "corrected", "comment"):
+                    if not row.get(k):
+                        row[k] = old[k]
+                self._exec("DELETE FROM feedback WHERE id = ?", (old["id"],))
             return self._insert("feedback", row)
 
     def feedback(self, model: str | None = None) -> list[dict]:

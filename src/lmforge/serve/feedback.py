@@ -5,7 +5,7 @@
 
 A rating, a corrected text (the reply as it should have been), or both. The feedback row keeps the prompt
 messages and the reply's text beside the rating, so `lmforge feedback export` (jobs/feedback.py) can write KTO or
-DPO data without the server. A second rating of the same reply replaces the first. The chat page posts here
+DPO data without the server. Later feedback on the same reply updates it (a thumbs up, then an edit: both kept). The chat page posts here
 too (thumbs up/down and "edit the reply").
 
 `RememberReplies` is the memory: an ASGI middleware that keeps every successful /v1/chat/completions reply
