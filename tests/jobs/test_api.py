@@ -148,6 +148,8 @@ def test_cancel_pause_resume(client, tmp_path):
     long = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
     job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method=long)
     wait_step(client, job.id, 2)
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish >= running.created_at  # measured speed
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.paused
     held = wait_for(client, job.id, ("queued",))
