@@ -59,6 +59,10 @@ def test_whole_flow_supervised(client, jobs_server, base_dir, tmp_path):
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}})
     assert job.status == "validating_files" and job.model == "tiny" and job.seed == 7
     assert job.method.type == "supervised" and job.metadata == {"team": "qa"}
+    # a DPO job waits its turn: one job trains at a time
+    d = client.files.create(file=open(jsonl(tmp_path / "d.jsonl", dpo_records()), "rb"), purpose="fine-tune")
+    second = client.fine_tuning.jobs.create(model="tiny", training_file=d.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 6, "beta": 0.5}}})
     # the upload may go now: the job holds its own link to the bytes
     assert client.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
@@ -69,7 +73,7 @@ def test_whole_flow_supervised(client, jobs_server, base_dir, tmp_path):
     assert done.hyperparameters.n_epochs == 2 and done.hyperparameters.batch_size == 4
     assert done.hyperparameters.learning_rate_multiplier == 1.0  # "auto" resolved
     assert done.trained_tokens > 0 and done.finished_at >= done.created_at
-    assert client.fine_tuning.jobs.list(limit=5).data[0].id == job.id
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=5).data] == [second.id, job.id]  # newest first
     assert [j.id for j in client.fine_tuning.jobs.list(extra_query={"metadata[team]": "qa"}).data] == [job.id]
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=3))  # pages through `after`
@@ -93,6 +97,15 @@ def test_whole_flow_supervised(client, jobs_server, base_dir, tmp_path):
     assert reply.choices[0].message.content == greedy_local(base_dir, run_dir / "adapter", msgs, tmp_path / "m")
     base = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
     assert base.choices[0].message.content != reply.choices[0].message.content
+
+    dpo = wait_for(client, second.id)
+    assert dpo.status == "succeeded", dpo.error
+    started = [e for e in client.fine_tuning.jobs.list_events(second.id, limit=100).data
+               if e.message == "Fine-tuning job started."]
+    assert started[0].created_at >= done.finished_at
+    assert dpo.method.dpo.hyperparameters.beta == 0.5 and dpo.hyperparameters.n_epochs == 1
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(second.id).data] == [2]  # final
+    assert dpo.fine_tuned_model in [m.id for m in client.models.list().data]
 
 
 def test_bad_files_name_the_line(client, tmp_path):

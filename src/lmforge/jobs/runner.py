@@ -100,6 +100,7 @@ class JobRunner:
         """One pass: validate new jobs, notice a finished worker, start the next job."""
         for job in self.store.jobs_with_status("validating_files"):
             self._validate(job)
+        ended = None
         with self._lock:
             if self._stopping:
                 return
@@ -109,7 +110,12 @@ class JobRunner:
                 if rc is None:
                     return
                 self._current = None
-                self._finished(job_id, rc)
+                ended = job_id, rc
+        if ended is not None:  # outside the lock: the hot-load takes seconds, and cancel/pause must not wait
+            self._finished(*ended)
+        with self._lock:
+            if self._stopping or self._current is not None:
+                return
             waiting = [j for j in self.store.jobs_with_status("running", "queued") if not j["paused"]]
             waiting.sort(key=lambda j: (j["status"] != "running", j["seq"]))  # interrupted ones first
             if waiting:
