@@ -54,8 +54,9 @@ def test_whole_flow_supervised(client, jobs_server, base_dir, tmp_path):
     assert client.files.retrieve(f.id).id == f.id
     assert f.id in [x.id for x in client.files.list().data]
     assert client.files.content(f.id).read() == (tmp_path / "train.jsonl").read_bytes()
+    v = client.files.create(file=open(jsonl(tmp_path / "val.jsonl", chat_records(5)), "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=f.id, suffix="support", seed=7, metadata={"team": "qa"},
+        model="tiny", training_file=f.id, validation_file=v.id, suffix="support", seed=7, metadata={"team": "qa"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}})
     assert job.status == "validating_files" and job.model == "tiny" and job.seed == 7
     assert job.method.type == "supervised" and job.metadata == {"team": "qa"}
@@ -85,7 +86,8 @@ def test_whole_flow_supervised(client, jobs_server, base_dir, tmp_path):
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in ckpts][0] == 6 and len(ckpts) >= 2
     assert ckpts[0].fine_tuned_model_checkpoint == done.fine_tuned_model + ":ckpt-step-6"
-    assert ckpts[0].metrics.train_loss > 0
+    assert ckpts[0].metrics.train_loss > 0 and ckpts[0].metrics.valid_loss > 0
+    assert [e.data["step"] for e in metrics if "valid_loss" in e.data] == [6, 4, 2]  # at each checkpoint
     csv = client.files.content(done.result_files[0]).text.splitlines()
     assert csv[0].startswith("step,train_loss") and len(csv) == 7
 

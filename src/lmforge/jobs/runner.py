@@ -3,9 +3,9 @@ process (worker.py), from a thread of the server.
 
     validating_files -> queued -> running -> succeeded | failed | cancelled
 
-Owns every status change (the worker only reports progress): validation (the files are there and of the job's
-kind, "auto" resolved, the files linked into the run directory so deleting an upload later cannot hurt the
-job), the queue (oldest first), starting and watching the worker, and what its exit means. On success the
+Owns every status change (the worker only reports progress): creation (the files exist and are of the job's
+kind; they are linked into the run directory at once, so deleting an upload later cannot hurt the job),
+validation (enough records, "auto" resolved, the recipe's command line), the queue (oldest first), starting and watching the worker, and what its exit means. On success the
 `on_success` callback (the server's hot-load) runs before the status says succeeded, so a client that sees
 `succeeded` can use `fine_tuned_model` at once.
 
@@ -35,6 +35,7 @@ from lmforge.jobs.store import ACTIVE, FINAL, Store, new_id, now
 
 log = logging.getLogger("lmforge.jobs")
 DB_NAME = "lmforge.sqlite"
+DATA_FILES = (("training_file", "train.jsonl"), ("validation_file", "validation.jsonl"))
 
 
 class JobRunner:
@@ -132,7 +133,7 @@ class JobRunner:
             if file_id is None:
                 continue
             f = self.store.file(file_id)
-            if f is None:
+            if f is None or not Path(f["path"]).is_file():
                 raise spec.JobError(f"No such file: '{file_id}'.", param, "file_not_found")
             if f["purpose"] != "fine-tune":
                 raise spec.JobError(f"File '{file_id}' has purpose '{f['purpose']}'; upload it with purpose "
@@ -141,11 +142,16 @@ class JobRunner:
                 raise spec.JobError(f"File '{file_id}' holds {jfiles.KINDS[f['kind']]}s, but a {req.method} job "
                                     f"needs {jfiles.KINDS[kind]}s.", param, "invalid_file_format")
         job_id = new_id("ftjob-")
+        run_dir = self.root / "runs" / job_id
+        for param, name in DATA_FILES:  # the job's own link to the bytes: deleting the upload cannot hurt it
+            file_id = getattr(req, param)
+            if file_id is not None:
+                _link(Path(self.store.file(file_id)["path"]), run_dir / "data" / name)
         row = self.store.add_job({
             "id": job_id, "model": req.model, "base_path": base, "training_file": req.training_file,
             "validation_file": req.validation_file, "suffix": req.suffix, "seed": req.seed, "metadata": req.metadata,
             "method": spec.method_object(req.method, req.hyperparameters), "status": "validating_files",
-            "run_dir": str(self.root / "runs" / job_id)})
+            "run_dir": str(run_dir)})
         self.store.add_event(job_id, f"Created fine-tuning job: {job_id}")
         self.store.add_event(job_id, f"Validating training file: {req.training_file}"
                              + (f" and validation file: {req.validation_file}" if req.validation_file else ""))
@@ -156,25 +162,21 @@ class JobRunner:
         method = job["method"]["type"]
         run_dir = Path(job["run_dir"])
         try:
-            paths = {}
-            for param, name in (("training_file", "train.jsonl"), ("validation_file", "validation.jsonl")):
-                file_id = job[param]
-                if file_id is None:
-                    continue
-                f = self.store.file(file_id)
-                if f is None or not Path(f["path"]).is_file():
-                    raise spec.JobError(f"File '{file_id}' was deleted before the job could use it.", param,
-                                        "file_not_found")
-                if param == "training_file" and f["records"] < jfiles.MIN_RECORDS:
-                    raise spec.JobError(f"Training file '{file_id}' has {f['records']} example(s); at least "
-                                        f"{jfiles.MIN_RECORDS} are required.", param, "invalid_training_file")
-                paths[param] = _link(Path(f["path"]), run_dir / "data" / name)
-            n = self.store.file(job["training_file"])["records"]
+            paths = {param: run_dir / "data" / name for param, name in DATA_FILES if job[param] is not None}
+            for param, path in paths.items():
+                if not path.is_file():
+                    raise spec.JobError(f"The job's copy of file '{job[param]}' is missing from {path.parent}.",
+                                        param, "file_not_found")
+            _, n = jfiles.validate(paths["training_file"])  # the records count, as uploaded (validated then)
+            if n < jfiles.MIN_RECORDS:
+                raise spec.JobError(f"Training file '{job['training_file']}' has {n} example(s); at least "
+                                    f"{jfiles.MIN_RECORDS} are required.", "training_file", "invalid_training_file")
             hp = spec.resolve(method, job["method"][method]["hyperparameters"], n)
             recipe = spec.recipe(method, hp, n, base_path=job["base_path"], train_path=str(paths["training_file"]),
                                  val_path=str(paths["validation_file"]) if "validation_file" in paths else None,
                                  run_dir=str(run_dir), seed=job["seed"], options=self.options)
-        except spec.JobError as e:
+        except (spec.JobError, jfiles.FileInvalid) as e:
+            e = e if isinstance(e, spec.JobError) else spec.JobError(str(e), "training_file", "invalid_training_file")
             if self.store.transition(job["id"], ("validating_files",), "failed", finished_at=now(),
                                      error={"code": e.code or "invalid_training_file", "message": str(e),
                                             "param": e.param}):

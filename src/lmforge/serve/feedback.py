@@ -16,6 +16,7 @@ route and the reply builder know nothing of feedback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Literal
@@ -96,14 +97,17 @@ class RememberReplies:
                 reply.stream = any(k == b"content-type" and v.startswith(b"text/event-stream")
                                    for k, v in message.get("headers", []))
             elif message["type"] == "http.response.body" and status[0] == 200:
-                reply.feed(message.get("body", b""), self.limit)
+                try:
+                    reply.feed(message.get("body", b""), self.limit)
+                except ValueError:  # not the JSON it should be: not remembered, still sent
+                    status[0] = -1
             await send(message)
 
         try:
             await self.app(scope, tee_receive, tee_send)
         finally:
-            if status[0] == 200:
-                self.remember(bytes(request), reply)
+            if status[0] == 200:  # off the event loop: the database write waits for the disk
+                await asyncio.to_thread(self.remember, bytes(request), reply)
 
     def remember(self, request: bytes, reply: Reply) -> None:
         try:
