@@ -22,6 +22,14 @@ def test_auto_rules_and_batches():
     assert r["verb"] == "dpo" and r["total_steps"] == 120 and "--beta" in r["argv"]
     assert r["argv"][r["argv"].index("--lr") + 1] == repr(2 * spec.BASE_LR["dpo"])
     assert spec.model_name("tiny", None, "ftjob-abc") == "ft:tiny::abc"
+    assert spec.resolve("kto", {"batch_size": "auto", "n_epochs": 1, "learning_rate_multiplier": "auto",
+                                "beta": "auto", "desirable_weight": "auto", "undesirable_weight": 2.0}, 20) == {
+        "batch_size": 2, "n_epochs": 1, "learning_rate_multiplier": 1.0, "beta": 0.1, "desirable_weight": 1.0,
+        "undesirable_weight": 2.0}
+    with pytest.raises(spec.JobError) as e:
+        spec.parse_create({"model": "m", "training_file": "f",
+                           "method": {"type": "kto", "kto": {"hyperparameters": {"batch_size": 1}}}})
+    assert e.value.param == "method.kto.hyperparameters.batch_size"
 
 
 def test_create_request_checks():

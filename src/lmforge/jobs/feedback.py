@@ -48,7 +48,7 @@ def kto_records(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         edited = r["corrected"] is not None and r["corrected"] != r["response"]
-        if r["rating"] != 0 or edited:
+        if (r["rating"] != 0 or edited) and r["response"]:  # a reply of tool calls only has no text to rate
             label = r["rating"] > 0  # an edit with no rating says the original was not what the user wanted
             out.append({"prompt": r["messages"], "completion": _assistant(r["response"]), "label": label})
         if edited:
@@ -62,13 +62,13 @@ def dpo_records(rows: list[dict]) -> list[dict]:
                 "non_preferred_output": _assistant(bad)}
 
     out = [pair(r["messages"], r["corrected"], r["response"]) for r in rows
-           if r["corrected"] is not None and r["corrected"] != r["response"]]
+           if r["corrected"] is not None and r["corrected"] != r["response"] and r["response"]]
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         by_prompt.setdefault(json.dumps(r["messages"], sort_keys=True), []).append(r)
     for group in by_prompt.values():
-        ups = [r["response"] for r in group if r["rating"] > 0]
-        downs = [r["response"] for r in group if r["rating"] < 0]
+        ups = [r["response"] for r in group if r["rating"] > 0 and r["response"]]
+        downs = [r["response"] for r in group if r["rating"] < 0 and r["response"]]
         out += [pair(group[0]["messages"], u, d) for u in ups for d in downs if u != d]
     return out
 

@@ -107,7 +107,11 @@ def _method(body: dict) -> tuple[str, dict]:
         raise JobError(f"'method.{kind}' must be an object.", f"method.{kind}")
     if body.get("hyperparameters"):
         raise JobError("Give hyperparameters in 'method', not also at the top level.", "hyperparameters")
-    return kind, _hyperparameters(kind, section.get("hyperparameters") or {}, f"method.{kind}.hyperparameters")
+    where = f"method.{kind}.hyperparameters"
+    hp = _hyperparameters(kind, section.get("hyperparameters") or {}, where)
+    if kind == "kto" and hp["batch_size"] == 1:  # its KL estimate pairs each prompt with another's completion
+        raise JobError("KTO needs a batch_size of 2 or more.", f"{where}.batch_size")
+    return kind, hp
 
 
 def _hyperparameters(kind: str, given: Any, where: str) -> dict:
@@ -154,7 +158,7 @@ def resolve(method: str, hp: dict, n_records: int) -> dict:
     if out.get("n_epochs") == "auto":
         out["n_epochs"] = auto_epochs(n_records)
     if out.get("batch_size") == "auto":
-        out["batch_size"] = auto_batch_size(n_records)
+        out["batch_size"] = auto_batch_size(n_records) if method != "kto" else max(2, auto_batch_size(n_records))
     out["batch_size"] = min(out["batch_size"], n_records)  # a batch larger than the data is the data
     if out.get("learning_rate_multiplier") == "auto":
         out["learning_rate_multiplier"] = 1.0
