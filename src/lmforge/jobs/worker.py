@@ -164,6 +164,7 @@ def run_job(store: Store, job_id: str, files_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = open(run_dir / ".worker.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # an earlier worker of this job (a killed server's) finishes first
+    job = store.job(job_id)  # as that worker left it (the steps it reported)
     recipe = job["recipe"]
     module_name, config_name = RECIPES[recipe["verb"]]
     progress = Progress(store, job, run_dir)
