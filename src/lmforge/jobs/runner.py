@@ -155,8 +155,9 @@ class JobRunner:
         self.store.add_event(job_id, f"Created fine-tuning job: {job_id}")
         self.store.add_event(job_id, f"Validating training file: {req.training_file}"
                              + (f" and validation file: {req.validation_file}" if req.validation_file else ""))
+        job = self.store.job(row["id"])  # as created: the queue may move it on the moment it wakes
         self.wake()
-        return self.store.job(row["id"])
+        return job
 
     def _validate(self, job: dict) -> None:
         method = job["method"]["type"]
