@@ -95,6 +95,7 @@ class LoadedModel:
     adapter: Path | None = None
     quantize: str | None = None
     created: int = 0
+    vocabulary: Any = None  # inference.constrain.Vocabulary: built on the first constrained request, then kept
 
 
 def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = None,

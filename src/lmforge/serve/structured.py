@@ -31,11 +31,9 @@ _vocab_lock = threading.Lock()
 def vocabulary(lm, engine) -> Vocabulary:
     """The served model's Vocabulary (kept on its LoadedModel after the first constrained request)."""
     with _vocab_lock:
-        vocab = getattr(lm, "_vocabulary", None)
-        if vocab is None:
-            vocab = Vocabulary(lm.tokenizer, engine.vocab_size, sorted(engine.eos_ids))
-            lm._vocabulary = vocab
-        return vocab
+        if lm.vocabulary is None:
+            lm.vocabulary = Vocabulary(lm.tokenizer, engine.vocab_size, sorted(engine.eos_ids))
+        return lm.vocabulary
 
 
 def _grammar_error(e: LmforgeError, param: str) -> APIError:
