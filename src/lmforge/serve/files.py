@@ -36,7 +36,7 @@ async def create_file(request: Request):
     runner, limits = runner_of(request)
     limit = limits.max_file_bytes
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit + 65536:  # the multipart framing is not the file
+    if length.isascii() and length.isdigit() and int(length) > limit + 65536:  # the multipart framing is not the file
         raise APIError(413, f"The upload is {int(length)} bytes; files may be at most {limit} bytes.",
                        code="file_too_large")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):

@@ -16,6 +16,7 @@ loaded the same way before /health says ready.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> in
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.lstrip("-").isdigit() or not lo <= int(raw) <= hi:
+    # ASCII digits only: str.isdigit accepts '²' and int() accepts ' 7', '1_0' and Arabic-Indic digits
+    if not re.fullmatch(r"-?[0-9]{1,19}", raw) or not lo <= int(raw) <= hi:
         raise APIError(400, f"Invalid value for '{name}': an integer from {lo} to {hi} (got {raw!r}).", param=name,
                        code="invalid_value")
     return int(raw)

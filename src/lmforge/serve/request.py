@@ -70,7 +70,7 @@ def require_ready(state: ServerState) -> None:
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object, read at most `limit` bytes far (413 beyond it, 400 if it is not JSON)."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isascii() and length.isdigit() and int(length) > limit:
         raise APIError(413, f"The request body is {int(length)} bytes; the limit is {limit}.",
                        code="request_too_large")
     body = bytearray()
