@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
@@ -29,8 +31,6 @@ class MergeConfig:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     """Load base, add the adapter, merge it, save a full HF directory at out. Returns out."""
-    import torch
-
     from lmforge import checkpoint
     from lmforge.model.lora import merge_lora
 

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
@@ -38,8 +40,6 @@ _OLLAMA_QUANTS = {"q4_k_m": "q4_K_M", "q4_k_s": "q4_K_S", "q8_0": "q8_0"}
 # ---- import -------------------------------------------------------------------------------------------
 def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Write the GGUF file `src` as an HF model directory at `out` (dequantized to `dtype`). Returns out."""
-    import torch
-
     from lmforge import checkpoint, gguf
 
     if dtype not in DTYPES:

@@ -25,12 +25,12 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -52,8 +52,6 @@ class Runtime:
 
 
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
-    import torch
-
     if pref == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
@@ -66,9 +64,6 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
 
 def setup(device: str = "auto") -> Runtime:
     """Read torchrun's environment, pick the device, and open the process group when there are several ranks."""
-    import torch
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -83,8 +78,6 @@ def setup(device: str = "auto") -> Runtime:
 
 
 def cleanup() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -141,8 +134,6 @@ def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
     """Sum a few floats over ranks (float64 on the wire); identity on one process."""
     if not rt.distributed:
         return list(values)
-    import torch
-    import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
@@ -153,7 +144,6 @@ def broadcast_object(obj: Any, rt: Runtime) -> Any:
     """rank 0's `obj` on every rank."""
     if not rt.distributed:
         return obj
-    import torch.distributed as dist
 
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -162,8 +152,6 @@ def broadcast_object(obj: Any, rt: Runtime) -> Any:
 
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 

@@ -12,15 +12,14 @@ the model's KV cache, temperature and top-k, a private torch.Generator so the tr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+
+import torch
 
 from lmforge.data import IGNORE_INDEX
 from lmforge.training.step import cross_entropy_sum
-
-if TYPE_CHECKING:
-    import torch
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float | None) -> float | None:
@@ -37,10 +36,6 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     reduce: optional function summing [loss_sum, tokens] over data-parallel ranks.
     Returns {"loss", "ppl", "bpb", "tokens"}. The model is put back in training mode afterwards.
     """
-    import contextlib
-
-    import torch
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -66,8 +61,6 @@ def sample(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, tempe
 
     temperature 0 is greedy. The context is cut to the model's max_seq_len. Runs in the weights' precision.
     """
-    import torch
-
     cfg = model.cfg
     device = next(model.parameters()).device
     stop = set(stop_ids)

@@ -11,18 +11,14 @@ has bf16.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+
+import torch
 
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    import torch
 
 
 def cpu_has_bf16() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    import torch
-
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -31,8 +27,6 @@ def cpu_has_bf16() -> bool:
 
 def resolve_dtype(pref: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `pref` ("auto", "bf16", "fp32") on `device`; None means plain fp32."""
-    import torch
-
     if pref == "fp32":
         return None
     if device.type == "cuda":
@@ -50,8 +44,6 @@ def resolve_dtype(pref: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """autocast(device, dtype) when dtype is set, else a no-op context."""
-    import torch
-
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -9,19 +9,15 @@ checkpoints live, which one to resume and when a run is finished: training/rundi
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 
 from lmforge.training.distributed import load_optimizer_state
-
-if TYPE_CHECKING:
-    import torch
 
 
 def rng_state() -> dict:
     """RNG states of torch (CPU and CUDA), numpy's global generator and Python's `random`, as plain data."""
-    import numpy as np
-    import torch
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
              "python": random.getstate()}
@@ -31,9 +27,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
@@ -45,9 +38,6 @@ def set_rng_state(state: dict) -> None:
 
 def seed_everything(seed: int) -> None:
     """One --seed for every RNG."""
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
