@@ -90,3 +90,35 @@ def test_errors(tiny_model, tmp_path, capsys):
     assert "at least 2" in capsys.readouterr().err
     with pytest.raises(LmforgeError, match="stride"):
         windows(10, 4, 5)
+
+
+def test_chat_eos_is_not_scored_after_text(tiny_model, tmp_path, capsys):
+    """A chat model whose EOS is its end-of-turn token (SmolLM2: <|im_end|>) scores a text's own tokens only, and a
+    .jsonl's documents are separated by the document-end token; a document-end EOS is still scored after each."""
+    import shutil
+
+    d = tmp_path / "chat-eos"
+    shutil.copytree(tiny_model, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|im_end|>"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(d)
+    assert tok.eos_token == "<|im_end|>"
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["eval", "perplexity", "--model", str(d), "--data", str(tmp_path / "t.txt"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ids = tok.encode(text)
+    nll, count = sliding_nll(load_model(d), ids, 256, 128)
+    assert r["tokens"] == len(ids) and r["tokens_scored"] == count == len(ids) - 1
+    assert r["nll"] == pytest.approx(nll / count, rel=1e-6)
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "one doc"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    assert main(["eval", "perplexity", "--model", str(d), "--data", str(tmp_path / "t.jsonl"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    sep = tok.token_to_id("<|end_of_text|>")
+    assert r["tokens"] == len([*tok.encode("one doc"), sep, *tok.encode("two")])
+    # the document-end EOS of lmforge's own tokenizer: after every document, as prepare writes them
+    assert main(["eval", "perplexity", "--model", str(tiny_model), "--data", str(tmp_path / "t.jsonl"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == len(tok.encode("one doc")) + len(tok.encode("two")) + 2

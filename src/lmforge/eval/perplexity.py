@@ -11,9 +11,14 @@ predicted from the token before it and none goes unscored); a smaller stride giv
 window - stride tokens of context at the price of window/stride times more compute. The very first token has no
 context and is never scored.
 
-Input: a text file (.jsonl: each line's "text" field is a document; each document ends with EOS, as `lmforge
-prepare` writes them, so the text file and its prepared shards score the same), or a
-prepared data directory (data/shards.py format), read through its memory-mapped shards, `--split val` by default.
+Input: a text file (.jsonl: each line's "text" field is a document), or a prepared data directory (data/shards.py
+format), read through its memory-mapped shards, `--split val` by default. Each document of a text file ends with
+EOS, as `lmforge prepare` writes them, so the text file and its prepared shards score the same, when EOS is a
+document end (lmforge's and base models' tokenizers: <|end_of_text|>, </s>). A chat model's EOS is often its
+end-of-turn token (SmolLM2, Qwen2 instruct: <|im_end|>): text never ends a turn, so scoring one after the text would
+charge the model for a token that is not there (SmolLM2-135M-Instruct on 839 tokens of docs/eval.md: perplexity
+64.8 without it, 66.0 with it). Then nothing is appended, and documents of a .jsonl are separated by the vocabulary's
+document-end token (<|endoftext|>, <|end_of_text|>, </s>) when it has one.
 Reports mean negative log-likelihood per token (nats), perplexity = exp(mean NLL), and bits per byte
 (tokenizer-independent, so models with different tokenizers compare).
 """
@@ -96,8 +101,23 @@ def sliding_nll(model, ids, window: int, stride: int, batch_size: int = 4, devic
     return total, count
 
 
+# What a tokenizer may call the end of a document when its EOS is a chat turn's end.
+_DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
+
+
+def document_ends(tok) -> tuple[int | None, int | None]:
+    """(id after every document, id between documents): EOS after each when it is a document end; when it is an
+    end-of-turn token, nothing after and the vocabulary's document-end token (if any) between."""
+    from lmforge.tokenizer.tokenizer import END_OF_TURN_TOKENS
+
+    if tok.eos_id is not None and tok.eos_token not in END_OF_TURN_TOKENS:
+        return tok.eos_id, None
+    between = next((i for i in map(tok.token_to_id, _DOCUMENT_END_TOKENS) if i is not None), None)
+    return None, between
+
+
 def _read_text_tokens(path: Path, em) -> tuple[list[int], int]:
-    """Token ids and UTF-8 byte count of a text file (documents of a .jsonl separated by EOS)."""
+    """Token ids and UTF-8 byte count of a text file (documents of a .jsonl separated as document_ends says)."""
     tok = em.tokenizer
     try:
         raw = path.read_text(encoding="utf-8")
@@ -117,11 +137,14 @@ def _read_text_tokens(path: Path, em) -> tuple[list[int], int]:
             docs.append(rec["text"])
     else:
         docs = [raw]
+    after, between = document_ends(tok)
     ids: list[int] = []
-    for d in docs:  # as `lmforge prepare` writes documents: the tokens, then EOS
+    for n, d in enumerate(docs):  # as `lmforge prepare` writes documents: the tokens, then EOS
+        if n and between is not None:
+            ids.append(between)
         ids += tok.encode(d, add_special_tokens=True)
-        if tok.eos_id is not None:
-            ids.append(tok.eos_id)
+        if after is not None:
+            ids.append(after)
     return ids, sum(len(d.encode("utf-8")) for d in docs)
 
 
