@@ -46,3 +46,24 @@ def hf_model(request, tmp_path):
     d = tmp_path / request.param
     model = make_hf_model(request.param, d)
     return request.param, d, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_file():
+    from lmforge.errors import LmforgeError
+    from lmforge.inference.load import packaged_gguf
+
+    try:
+        return packaged_gguf("smollm2-135m-instruct")
+    except LmforgeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_file, tmp_path_factory):
+    """The SmolLM2 GGUF imported by lmforge (float32), once per session."""
+    from lmforge.inference.convert import import_gguf
+
+    return import_gguf(smollm2_file, tmp_path_factory.mktemp("smollm2") / "model")
+
+

