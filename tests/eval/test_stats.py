@@ -3,7 +3,7 @@ against Fagerland et al. (2013) and by hand; the paired comparison and its boots
 
 import pytest
 
-from lmforge.eval.stats import wilson_interval
+from lmforge.eval.stats import mean_interval, wilson_interval
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [
@@ -91,3 +91,17 @@ def test_paired_bootstrap_is_seeded_and_covers_the_difference():
     lo, hi = paired_bootstrap_ci(a, b)
     diff = (sum(b) - sum(a)) / 300
     assert lo < diff < hi and hi - lo < 0.2
+
+
+def test_mean_interval_bootstrap():
+    import random
+
+    rng = random.Random(0)
+    small = [rng.random() for _ in range(30)]
+    big = small * 10
+    lo, hi = mean_interval(small)
+    mean = sum(small) / len(small)
+    assert lo < mean < hi and mean_interval(small) == (lo, hi)  # seeded: the same interval every run
+    blo, bhi = mean_interval(big)
+    assert hi - lo > 2.5 * (bhi - blo)  # ten times the items: about sqrt(10) narrower
+    assert mean_interval([0.4] * 5) == pytest.approx((0.4, 0.4)) and mean_interval([]) == (0.0, 1.0)

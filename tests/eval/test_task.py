@@ -10,7 +10,16 @@ from lmforge.checkpoint import load_model, load_tokenizer
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.eval.lm import EvalModel
-from lmforge.eval.task import TaskConfig, evaluate, load_examples, normalize, score_generation, shot_indices
+from lmforge.eval.task import (
+    TaskConfig,
+    evaluate,
+    load_examples,
+    normalize,
+    rouge_l,
+    score_generation,
+    shot_indices,
+    token_f1,
+)
 from tests.eval.conftest import MC, QA
 
 
@@ -55,6 +64,28 @@ def test_metrics():
     assert score_generation("paris", "Paris", "exact") and not score_generation("Paris, France", "Paris", "exact")
     assert score_generation("It is  PARIS, France", "paris", "contains")
     assert not score_generation("", "", "contains")
+
+
+@pytest.mark.parametrize("pred,ref", [
+    ("Remove any common leading whitespace from every line in text.", "Remove common leading whitespace."),
+    ("the cat sat on the mat", "the cat is on the mat"), ("Return a new list", "return the sorted list of items"),
+    ("nothing in common", "at all here"), ("A b c d", "d c b a"), ("x", "x")])
+def test_rouge_l_equals_rouge_score(pred, ref):
+    """ROUGE-L F against Google's rouge-score package (no stemming) where it is installed."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    want = rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
+    assert rouge_l(pred, ref) == pytest.approx(want, abs=1e-12)
+
+
+def test_graded_metrics_known_values():
+    # LCS("the cat sat", "the cat ran fast") = 2: P = 2/3, R = 2/4, F = 4/7
+    assert rouge_l("The cat sat.", "the cat ran fast") == pytest.approx(4 / 7)
+    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+    # SQuAD F1: articles and punctuation dropped, multiset overlap {cat, sat} of 3 predicted and 2 reference words
+    assert token_f1("The cat sat down!", "a cat sat") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert token_f1("b b", "b") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert score_generation("Remove common leading whitespace.", "remove common leading whitespace from text", "rougel")
+    assert not score_generation("Set a mocks to the mock.", "Remove common leading whitespace.", "rougel")
 
 
 @torch.no_grad()
@@ -122,6 +153,16 @@ def test_generation_accuracy_against_direct_greedy(em, tiny_model, tmp_path):
     assert s["accuracy"] == 0.5 and s["ci95"][0] < 0.5 < s["ci95"][1]
     assert all(1 <= r["output_tokens"] <= 6 for r in out["records"])
     assert s["prompt_tokens"] == sum(len(tok.encode(r["prompt"])) for r in rows) / 4
+
+    # graded: each item's score is ROUGE-L of its prediction, correct from 0.5 on, the mean with an interval
+    out = evaluate(TaskConfig(model=str(tiny_model), data=str(f), chat="off", max_new_tokens=6, metric="rougel"),
+                   em=em)
+    scores = [rouge_l(r["prediction"], r["answer"]) for r in out["records"]]
+    assert [r["score"] for r in out["records"]] == scores and scores[0] == 1.0
+    assert [r["correct"] for r in out["records"]] == [x >= 0.5 for x in scores]
+    s = out["summary"]
+    assert s["mean_score"] == pytest.approx(sum(scores) / 4)
+    assert s["score_ci95"][0] <= s["mean_score"] <= s["score_ci95"][1]
 
 
 def test_few_shot_and_chat_prompts(em, tiny_model, qa_file):

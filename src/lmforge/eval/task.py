@@ -10,6 +10,13 @@ Metrics:
   exact     the normalised generation equals the normalised answer (case-folded, whitespace collapsed, outer
             quotes and a final period stripped)
   contains  the normalised answer occurs in the normalised generation
+  rougel    ROUGE-L F1 (Lin 2004): the longest common subsequence of words, case-folded, against the reference;
+            for short reference answers said in other words (a docstring's first sentence)
+  f1        token F1 (SQuAD's: the harmonic mean of word precision and recall as multisets, case-folded, no
+            punctuation or articles)
+            Both give each item a score in [0, 1] ("score", its mean "mean_score" with a bootstrap 95% interval);
+            an item is correct when its score is at least 0.5, so accuracy, its Wilson interval and the paired
+            tests of `compare` work on them as on the other metrics.
   choice    the choice with the highest log-likelihood given the prompt wins ("accuracy"); "accuracy_norm" divides
             each choice's log-likelihood by its length in characters, so long choices are not penalised for
             length (lm-evaluation-harness's acc_norm). --length-norm makes it the headline figure. In chat format
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +48,8 @@ from pathlib import Path
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
-METRICS = ("exact", "contains", "choice")
+METRICS = ("exact", "contains", "choice", "rougel", "f1")
+SCORE_PASS = 0.5  # a graded metric's score from which an item counts as correct
 
 
 @dataclass
@@ -140,13 +149,66 @@ def normalize(text: str) -> str:
     return t[:-1].rstrip() if t.endswith(".") else t
 
 
+_WORD = re.compile(r"\w+")
+_ARTICLES = {"a", "an", "the"}
+
+
+def words(text: str) -> list[str]:
+    """Case-folded word tokens (letters, digits, underscores): what the graded metrics compare."""
+    return _WORD.findall(text.casefold())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: 2PR / (P + R) with P, R = LCS(words) / len(prediction words), / len(reference words)."""
+    p, r = words(prediction), words(reference)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)  # one row of the LCS table at a time
+    for x in p:
+        row = [0]
+        for j, y in enumerate(r):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+        prev = row
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1 over words without articles (multiset overlap)."""
+    from collections import Counter
+
+    p = [w for w in words(prediction) if w not in _ARTICLES]
+    r = [w for w in words(reference) if w not in _ARTICLES]
+    if not p or not r:
+        return float(p == r)
+    same = sum((Counter(p) & Counter(r)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_score(prediction: str, answer: str, metric: str) -> float:
+    """An item's score in [0, 1]: 1/0 for exact and contains, ROUGE-L or token F1 for the graded metrics."""
+    if metric == "rougel":
+        return rouge_l(prediction, answer)
+    if metric == "f1":
+        return token_f1(prediction, answer)
+    return float(score_generation(prediction, answer, metric))
+
+
 def score_generation(prediction: str, answer: str, metric: str) -> bool:
+    if metric in ("rougel", "f1"):
+        return generation_score(prediction, answer, metric) >= SCORE_PASS
     p, a = normalize(prediction), normalize(answer)
     if metric == "exact":
         return p == a
     if metric == "contains":
         return bool(a) and a in p
-    raise LmforgeError(f"metric {metric!r} does not score generations; use exact or contains")
+    raise LmforgeError(f"metric {metric!r} does not score generations; use exact, contains, rougel or f1")
 
 
 # ---- prompts --------------------------------------------------------------------------------------------
@@ -285,8 +347,9 @@ class Runner:
 
         def done(j: int, g) -> None:
             i, e = order[j], self.examples[order[j]]
+            score = generation_score(g.text, e.answer, self.metric)
             recs[j] = {"i": i, "prompt": built[j].text, "answer": e.answer, "prediction": g.text.strip(),
-                       "correct": score_generation(g.text, e.answer, self.metric), "shots": built[j].shots,
+                       "score": score, "correct": score >= SCORE_PASS, "shots": built[j].shots,
                        "sources": built[j].sources, "prompt_tokens": g.prompt_tokens, "output_tokens": g.output_tokens,
                        "latency_s": g.latency_s + t_build[j]}
             if advance:
@@ -319,6 +382,12 @@ def summarize(records: list[dict], seconds: float, length_norm: bool = False) ->
         kn = sum(bool(r["correct_norm"]) for r in records)
         out["accuracy_raw"], out["accuracy_norm"] = kr / n, kn / n
         out["headline"] = "accuracy_norm" if key == "correct_norm" else "accuracy_raw"
+    if records and "score" in records[0]:
+        from lmforge.eval.stats import mean_interval
+
+        scores = [r["score"] for r in records]
+        out["mean_score"] = sum(scores) / n
+        out["score_ci95"] = list(mean_interval(scores))
     return out
 
 
@@ -377,6 +446,10 @@ def run(cfg: TaskConfig) -> int:
     rows = [["accuracy", f"{s['accuracy']:.3f} ({s['correct']}/{s['n']})"], ["95% CI (Wilson)", f"{lo:.3f} - {hi:.3f}"]]
     if "accuracy_norm" in s:
         rows += [["accuracy (raw log-lik)", fmt(s["accuracy_raw"])], ["accuracy (length-normalised)", fmt(s["accuracy_norm"])]]
+    if "mean_score" in s:
+        slo, shi = s["score_ci95"]
+        rows += [[f"mean {s['metric']} score", f"{s['mean_score']:.3f} (95% CI {slo:.3f} - {shi:.3f}; correct: "
+                  f"score >= {SCORE_PASS})"]]
     rows += [["metric", s["metric"]], ["shots", str(s["shots"])], ["prompt format", "chat" if s["chat"] else "plain"],
              ["mean latency (s)", fmt(s["latency_s"], 4)], ["prompt tokens / query", fmt(s["prompt_tokens"], 1)],
              ["output tokens / query", fmt(s["output_tokens"], 1)], ["seconds", fmt(s["seconds"], 2)]]
