@@ -10,6 +10,13 @@ Facts and the questions they answer:
   class     "What is the class `json.JSONDecoder` for?"     -> the first sentence of its docstring
   method    "What does the method `json.JSONDecoder.decode` do?" -> the first sentence of its docstring
   module    "What is the Python module `textwrap` for?"     -> the module docstring's one-line summary
+The documentation beside them (`stdlib_docs`, written as docs/MODULE.md by `write_builtin_sets`): for every public
+module, its docstring's first paragraph, then every public function, class and method as a heading with its
+signature and its docstring's first paragraph: the stdlib's API reference as pydoc would summarise it, read from
+the same sources with `ast` (pydoc imports the modules; this never runs them). It is what a RAG index over the
+stdlib's docs retrieves from (about 0.5 MB; whole docstrings would be over 1 MB, two to three times the time to embed). It
+covers held-out subjects too: documentation exists for functions nobody wrote training questions about, which is
+the situation the prompt-vs-RAG-vs-finetune decision is about.
 Preference pairs (for DPO) ask every question: chosen = its own answer, rejected = the answer of another fact of the
 same kind (another function's docstring sentence, another signature; a seeded choice): a preference that needs the
 name to be read, not only the style to be copied.
@@ -154,6 +161,68 @@ def stdlib_facts() -> tuple[Fact, ...]:
     return tuple(facts)
 
 
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join(doc.strip().split("\n\n", 1)[0].split()) if doc else ""
+
+
+def _signature(name: str, args: ast.arguments) -> str:
+    sig = f"{name}({ast.unparse(args)})"
+    return sig if len(sig) <= MAX_ANSWER_CHARS else f"{name}(...)"
+
+
+def _module_doc(module: str, source: str) -> str | None:
+    """A module's reference page in Markdown (see the module docstring), or None if it documents nothing."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    exported = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            try:
+                exported = set(ast.literal_eval(node.value))
+            except (ValueError, TypeError, SyntaxError):
+                exported = None
+    parts = [f"# Module `{module}`", ""]
+    summary = _first_paragraph(ast.get_docstring(tree))
+    if summary:
+        parts += [summary, ""]
+    entries = 0
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if node.name.startswith("_") or (exported is not None and node.name not in exported):
+            continue
+        name = f"{module}.{node.name}"
+        if isinstance(node, ast.ClassDef):
+            parts += [f"## class `{name}`", "", _first_paragraph(ast.get_docstring(node)) or "(undocumented)", ""]
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not item.name.startswith("_"):
+                    doc = _first_paragraph(ast.get_docstring(item))
+                    if doc:
+                        parts += [f"### method `{name}.{_signature(item.name, item.args)}`", "", doc, ""]
+        else:
+            parts += [f"## function `{module}.{_signature(node.name, node.args)}`", "",
+                      _first_paragraph(ast.get_docstring(node)) or "(undocumented)", ""]
+        entries += 1
+    return "\n".join(parts) if summary or entries else None
+
+
+@lru_cache(maxsize=1)
+def stdlib_docs() -> tuple[tuple[str, str], ...]:
+    """(module, Markdown reference page) for every public stdlib module that documents something, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for module, f in _module_files(root):
+        try:
+            page = _module_doc(module, f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+        if page:
+            out.append((module, page))
+    return tuple(out)
+
+
 def is_heldout(subject: str) -> bool:
     return int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
 
@@ -220,8 +289,18 @@ def heldout_mc(n_choices: int = 4) -> list[dict]:
     return out
 
 
-def write_builtin_sets(out_dir: str | Path) -> dict[str, Path]:
-    """Write the built-in sets as JSONL into out_dir: sft-train, pref-train, pref-heldout, heldout-qa, heldout-mc."""
+def write_stdlib_docs(out_dir: str | Path) -> Path:
+    """Write stdlib_docs() as out_dir/MODULE.md, one page per module; returns out_dir."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for module, page in stdlib_docs():
+        (d / f"{module}.md").write_text(page, encoding="utf-8")
+    return d
+
+
+def write_builtin_sets(out_dir: str | Path, docs: bool = False) -> dict[str, Path]:
+    """Write the built-in sets as JSONL into out_dir: sft-train, pref-train, pref-heldout, heldout-qa, heldout-mc;
+    with docs, also the stdlib's reference pages into out_dir/docs/."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     sets = {"sft-train": sft_records("train"), "pref-train": preference_records("train"),
@@ -231,4 +310,6 @@ def write_builtin_sets(out_dir: str | Path) -> dict[str, Path]:
         p = d / f"{name}.jsonl"
         p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         paths[name] = p
+    if docs:
+        paths["docs"] = write_stdlib_docs(d / "docs")
     return paths

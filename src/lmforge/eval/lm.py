@@ -3,8 +3,9 @@
 Loading, prompt encoding, stop ids and text streaming are inference's (inference.load.load, generate.completion_ids
 / chat_ids / stream_text), so eval measures exactly what `lmforge generate` and `serve` give a user.
 
-Scoring (choice metric) calls the model's forward directly: one batched forward over the context followed by each
-continuation, right-padded (a causal model never looks right, so padding changes nothing before it).
+Scoring (choice metric) calls the model's forward directly: the context once into a KV cache, then every
+continuation on top of a copy of it, right-padded (a causal model never looks right, so padding changes nothing
+before it).
 Generation goes through the Engine, greedy, with at most `concurrency` requests in flight (one worker thread per
 request slot, the engine's scheduler in its own thread): each request's latency is measured from submission to
 its last text, so with concurrency 1 it is the latency one user sees, and tokens/s over the run is the throughput
@@ -80,8 +81,12 @@ class EvalModel:
 
     # ---- scoring ----------------------------------------------------------------------------------------
     def continuation_logprobs(self, context: list[int], continuations: list[list[int]]) -> list[float]:
-        """Sum of log p(continuation tokens | context) for each continuation, in one batched forward.
+        """Sum of log p(continuation tokens | context) for each continuation.
 
+        The context runs once, into a KV cache whose keys and values are then copied to one row per continuation,
+        and the continuations run together on top of it (right-padded: a causal model never looks right). So an
+        item costs its context once plus its choices, not its context once per choice: with a long retrieved or
+        few-shot context, 4-way multiple choice runs about 3-4x faster than scoring each choice from scratch.
         When context + continuation is longer than the model's context, the context loses its oldest tokens.
         """
         import torch
@@ -94,18 +99,24 @@ class EvalModel:
         ctx = context[-(self.max_len - longest):] if len(context) + longest > self.max_len else context
         if not ctx:
             raise LmforgeError("scoring needs a non-empty context: the prompt encodes to no tokens")
-        rows = [ctx + c for c in continuations]
-        width = max(len(r) for r in rows)
+        n, width = len(continuations), longest
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
+        cont = torch.full((n, width), pad, dtype=torch.long)
+        for i, c in enumerate(continuations):
+            cont[i, :len(c)] = torch.tensor(c)
+        cont = cont.to(self.device)
         with torch.inference_mode():
-            logp = torch.log_softmax(self.model(ids.to(self.device)).float(), dim=-1)  # B T V
+            cache = self.model.new_cache(n, len(ctx) + width)
+            first = self.model(torch.tensor([ctx], device=self.device), input_pos=0, cache=cache,
+                               logits_index=torch.tensor([len(ctx) - 1], device=self.device))  # 1 1 V
+            for layer in range(len(cache.k)):  # every row starts from the same context
+                cache.k[layer][1:, :, :len(ctx)] = cache.k[layer][:1, :, :len(ctx)]
+                cache.v[layer][1:, :, :len(ctx)] = cache.v[layer][:1, :, :len(ctx)]
+            rest = self.model(cont, input_pos=len(ctx), cache=cache)  # n T V: position j predicts token j + 1
+            logp = torch.log_softmax(torch.cat([first.expand(n, 1, -1), rest[:, :-1]], dim=1).float(), dim=-1)
         out = []
         for i, c in enumerate(continuations):
-            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c))  # the positions that predict c
-            out.append(float(logp[i, pos, torch.tensor(c)].sum()))
+            out.append(float(logp[i, torch.arange(len(c)), cont[i, :len(c)]].sum()))
         return out
 
     # ---- generation -------------------------------------------------------------------------------------
