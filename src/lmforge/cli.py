@@ -13,6 +13,7 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("prepare", "lmforge.pretrain.prepare:PrepareConfig:run", "corpus -> tokenizer -> token shards for pretraining (built-in corpus: default)"),
     ("pretrain", "lmforge.pretrain.train:PretrainConfig:run", "pretrain a model from scratch on prepared token shards"),
+    ("data builtin", "lmforge.data.builtin_sets:BuiltinConfig:run", "write the built-in stdlib sets (SFT, preference, held-out QA and multiple choice) and the stdlib's reference docs as files"),
     ("finetune sft", "lmforge.finetune.sft:SFTConfig:run", "supervised finetuning on chat JSONL (full or --lora); --data builtin"),
     ("finetune dpo", "lmforge.finetune.dpo:DPOConfig:run", "preference tuning (DPO/IPO) on prompt/chosen/rejected JSONL (full or --lora)"),
     ("finetune kto", "lmforge.finetune.kto:KTOConfig:run", "preference tuning (KTO) on unpaired thumbs up/down: prompt/completion/label JSONL"),

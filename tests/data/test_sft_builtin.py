@@ -31,3 +31,26 @@ def test_builtin_sets(tmp_path):
     assert {m["question"].split()[1] for m in mc} >= {"does", "are"}  # docstring and signature questions
     pref = [json.loads(x) for x in paths["pref-train"].read_text().splitlines()]
     assert all(p["chosen"] != p["rejected"] for p in pref)
+
+
+def test_heldout_files_ask_the_same_questions_in_the_same_order():
+    qa, mc = b.heldout_qa(), b.heldout_mc()
+    assert [q["prompt"] for q in qa[:len(mc)]] == [m["question"] for m in mc]
+    assert all(q["answer"] == m["choices"][m["answer"]] for q, m in zip(qa, mc))
+    assert len({m["question"].split("`")[0] for m in mc[:40]}) >= 3  # the first items mix the kinds
+
+
+def test_stdlib_docs_hold_the_answers(tmp_path, capsys):
+    from lmforge.cli import main
+
+    pages = dict(b.stdlib_docs())
+    page = pages["textwrap"]
+    assert page.startswith("# Module `textwrap`") and "## function `textwrap.dedent(text)`" in page
+    assert "Remove any common leading whitespace from every line in `text`." in page
+    # the reference covers held-out subjects too: what retrieval is for
+    text = "\n".join(pages.values())
+    mc = b.heldout_mc()[:50]
+    assert sum(m["choices"][m["answer"]] in text for m in mc) >= 45
+    assert main(["data", "builtin", "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "docs" / "textwrap.md").read_text() == page
+    assert (tmp_path / "d" / "heldout-mc.jsonl").is_file() and "reference pages" in capsys.readouterr().err

@@ -25,6 +25,8 @@ The split is by subject (the dotted name), decided by a hash, so every question 
 held out: 10% of subjects. Held-out files for eval (written by `write_builtin_sets`):
   heldout-qa.jsonl  {"prompt": question, "answer": answer}                 (answer log-likelihood / generation)
   heldout-mc.jsonl  {"question", "choices": [4 answers], "answer": index}  (the right answer among 4 of its kind)
+Both in one seeded order, so the first N items of each are the same N questions (a fair sample of all kinds).
+`lmforge data builtin --out DIR` writes them all, with the reference pages in DIR/docs/.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
 # Packages and modules that are tests, demos, GUI toolkits, vendored tools or codec tables: not what people ask about.
@@ -269,13 +272,30 @@ def preference_records(split: str = "train") -> list[dict]:
             for f in facts if len(pools[f.kind]) > 2]
 
 
-def heldout_qa() -> list[dict]:
-    return [{"prompt": f.question, "answer": f.answer} for f in split_facts("heldout")]
+def _heldout_order(n: int) -> list[int]:
+    """One seeded order of the held-out facts for both held-out files, so their first N are the same questions."""
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    return order
 
 
-def heldout_mc(n_choices: int = 4) -> list[dict]:
+_N_CHOICES = 4
+
+
+def heldout_qa(n_choices: int = _N_CHOICES) -> list[dict]:
+    """{"prompt": question, "answer": answer} for every held-out fact: first the questions heldout_mc asks, in its
+    order (so the first N of both files are the same questions), then any of a kind too rare for its choices."""
+    facts = split_facts("heldout")
+    pools = _pools(facts)
+    asked = [f for f in facts if len(pools[f.kind]) >= 2 * n_choices]
+    rest = [f for f in facts if len(pools[f.kind]) < 2 * n_choices]
+    return [{"prompt": f.question, "answer": f.answer} for f in [asked[i] for i in _heldout_order(len(asked))] + rest]
+
+
+def heldout_mc(n_choices: int = _N_CHOICES) -> list[dict]:
     """Multiple choice over every held-out fact: its answer among n_choices answers of held-out facts of the same
-    kind, in a seeded order of items (so the first N are a fair sample of all kinds)."""
+    kind, in a seeded order of items (so the first N are a fair sample of all kinds; heldout_qa asks the same
+    questions in the same order)."""
     facts = split_facts("heldout")
     pools = _pools(facts)
     out = []
@@ -285,8 +305,7 @@ def heldout_mc(n_choices: int = 4) -> list[dict]:
         choices = [f.answer] + _other_answers(pools[f.kind], f, n_choices - 1, "mc")
         _rng_for(f.subject, "order").shuffle(choices)
         out.append({"question": f.question, "choices": choices, "answer": choices.index(f.answer)})
-    random.Random(0).shuffle(out)
-    return out
+    return [out[i] for i in _heldout_order(len(out))]
 
 
 def write_stdlib_docs(out_dir: str | Path) -> Path:
@@ -313,3 +332,26 @@ def write_builtin_sets(out_dir: str | Path, docs: bool = False) -> dict[str, Pat
     if docs:
         paths["docs"] = write_stdlib_docs(d / "docs")
     return paths
+
+
+@dataclass
+class BuiltinConfig:
+    out: str = opt("data/builtin", "directory to write the sets into")
+    docs: bool = opt(True, "also write the stdlib's reference pages (docs/MODULE.md), e.g. for `lmforge rag index`")
+
+
+def run(cfg: BuiltinConfig) -> int:
+    """`lmforge data builtin`: the built-in sets as files, and what each holds."""
+    import sys
+
+    paths = write_builtin_sets(cfg.out, docs=cfg.docs)
+    for p in paths.values():
+        if p.is_dir():
+            files = sorted(p.glob("*.md"))
+            size = sum(f.stat().st_size for f in files)
+            print(f"{p}/: {len(files)} reference pages, {size / 1e6:.2f} MB", file=sys.stderr)
+        else:
+            with p.open(encoding="utf-8") as fh:
+                print(f"{p}: {sum(1 for _ in fh):,} records", file=sys.stderr)
+    print(cfg.out)
+    return 0
