@@ -12,6 +12,9 @@ is twice the binomial tail of the smaller count, computed exactly with integers 
 the difference comes with a 95% interval from a paired bootstrap (items resampled with replacement, both variants'
 outcomes kept together; Efron & Tibshirani 1993, percentile interval). "Significant" means the exact test's
 p < 0.05; the bootstrap interval shows how large the difference might be, it does not decide.
+
+A graded metric's mean score (ROUGE-L, token F1: values in [0, 1]) gets a percentile bootstrap interval of its
+own (`mean_interval`).
 """
 
 from __future__ import annotations
