@@ -173,3 +173,27 @@ def test_significance_is_marked_against_the_baseline(tiny_model, tmp_path, capsy
 def test_baseline_must_be_a_variant(tiny_model, qa_file, capsys):
     assert main(["compare", "--task", str(qa_file), "--variant", f"a={tiny_model}", "--baseline", "zzz"]) == 2
     assert "--baseline 'zzz' is not one of the variants" in capsys.readouterr().err
+
+
+def test_graded_metric_gets_score_tests(tiny_model, qa_file, tmp_path, capsys):
+    """rougel: per-item scores, the mean with its interval, and the paired permutation test in every pair (plan
+    reads it, oriented either way)."""
+    from lmforge.eval.stats import paired_score_test
+    from lmforge.plan.calibrate import paired_test
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--task", str(qa_file), "--metric", "rougel", "--variant", f"base={tiny_model},chat=off",
+                 "--variant", f"shots={tiny_model},shots=2,chat=off", "--max-new-tokens", "4", "--timing-passes", "0",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]["name"]: r for r in data["variants"]}
+    scores = {n: [json.loads(x)["score"] for x in (out / f"predictions-{n}.jsonl").read_text().splitlines()]
+              for n in rows}
+    assert rows["base"]["summary"]["mean_score"] == pytest.approx(sum(scores["base"]) / 6)
+    pair = data["paired"][0]
+    assert pair["score"] == paired_score_test(scores["base"], scores["shots"])
+    flipped = paired_test(data["paired"], "shots", "base")["score"]
+    assert flipped["diff"] == -pair["score"]["diff"] and flipped["mean_a"] == pair["score"]["mean_b"]
+    md = (out / "results.md").read_text()
+    assert "| mean rougel " in md and "p (permutation)" in md

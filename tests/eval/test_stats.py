@@ -3,7 +3,7 @@ against Fagerland et al. (2013) and by hand; the paired comparison and its boots
 
 import pytest
 
-from lmforge.eval.stats import mean_interval, wilson_interval
+from lmforge.eval.stats import mean_interval, paired_score_test, wilson_interval
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [
@@ -105,3 +105,29 @@ def test_mean_interval_bootstrap():
     blo, bhi = mean_interval(big)
     assert hi - lo > 2.5 * (bhi - blo)  # ten times the items: about sqrt(10) narrower
     assert mean_interval([0.4] * 5) == pytest.approx((0.4, 0.4)) and mean_interval([]) == (0.0, 1.0)
+
+
+def test_paired_score_test():
+    import itertools
+    import random
+
+    rng = random.Random(1)
+    a = [rng.random() for _ in range(60)]
+    better = [min(1.0, x + 0.2) for x in a]
+    r = paired_score_test(a, better)
+    assert r["diff"] == pytest.approx(sum(better) / 60 - sum(a) / 60) and r["diff"] > 0
+    assert r["significant"] and r["p_value"] < 0.001 and r["diff_ci95"][0] > 0
+    assert paired_score_test(a, better) == r  # seeded
+    noise = [x + rng.choice((-0.05, 0.05)) for x in a]
+    assert not paired_score_test(a, noise)["significant"]
+    assert paired_score_test(a, a)["p_value"] == 1.0
+    assert paired_score_test(a[:8], better[:8])["p_value"] >= 2 / 256  # 8 items: no sign pattern beats 2/2^8
+    # against the exact permutation distribution on a small case (all 2^n sign flips)
+    x, y = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3], [0.3, 0.5, 0.1, 1.0, 0.8, 0.6]
+    d = [q - p for p, q in zip(x, y)]
+    obs = abs(sum(d))
+    exact = sum(abs(sum(s * v for s, v in zip(signs, d))) >= obs - 1e-12
+                for signs in itertools.product((-1, 1), repeat=6)) / 64
+    assert paired_score_test(x, y, resamples=200_000)["p_value"] == pytest.approx(exact, abs=0.01)
+    with pytest.raises(ValueError):
+        paired_score_test([0.1], [0.1, 0.2])

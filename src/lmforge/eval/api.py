@@ -189,7 +189,7 @@ class ApiRunner:
         return messages, len(picks), sources
 
     def one(self, i: int) -> dict:
-        from lmforge.eval.task import score_generation
+        from lmforge.eval.task import SCORE_PASS, generation_score
 
         e = self.examples[i]
         t0 = time.perf_counter()
@@ -204,7 +204,8 @@ class ApiRunner:
             rec.update(prediction=None if pick is None else e.choices[pick], correct=pick == e.answer_index,
                        parsed=pick is not None)
         else:
-            rec.update(prediction=reply.text.strip(), correct=score_generation(reply.text, e.answer, self.metric))
+            score = generation_score(reply.text, e.answer, self.metric)
+            rec.update(prediction=reply.text.strip(), score=score, correct=score >= SCORE_PASS)
         return rec
 
     def run(self, limit: int = 0, concurrency: int = 1, advance=None, items=None) -> list[dict]:

@@ -177,14 +177,19 @@ def outcomes(records: list[dict], length_norm: bool) -> list[bool]:
     return [bool(r[key]) for r in records]
 
 
-def paired_tests(names: list[str], correct: dict[str, list[bool]], seed: int) -> list[dict]:
-    """Every pair (a before b in the given order): b against a on the same items (stats.paired_comparison)."""
-    from lmforge.eval.stats import paired_comparison
+def paired_tests(names: list[str], correct: dict[str, list[bool]], seed: int,
+                 scores: dict[str, list[float]] | None = None) -> list[dict]:
+    """Every pair (a before b in the given order): b against a on the same items (stats.paired_comparison); with
+    graded scores (rougel, f1), also their paired permutation test under "score" (stats.paired_score_test)."""
+    from lmforge.eval.stats import paired_comparison, paired_score_test
 
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            out.append({"a": a, "b": b, **paired_comparison(correct[a], correct[b], seed=seed)})
+            row = {"a": a, "b": b, **paired_comparison(correct[a], correct[b], seed=seed)}
+            if scores is not None:
+                row["score"] = paired_score_test(scores[a], scores[b], seed=seed)
+            out.append(row)
     return out
 
 
@@ -231,6 +236,23 @@ def markdown(cfg: CompareConfig, result: dict) -> str:
               "corrected for multiple comparisons). The interval of a difference is a paired bootstrap over the "
               "items (10,000 resamples); the accuracy's 95% CI is Wilson's score interval. Shots and rag chunks are "
               "the means used per item (shots are dropped where a prompt does not fit the context)."]
+    if rows and "mean_score" in rows[0]["summary"]:
+        lines += ["", f"Graded: each item's {result['metric']} score in [0, 1] (accuracy above counts a score of at "
+                  f"least 0.5 as correct).", ""]
+        body = []
+        for r in rows:
+            s, vs = r["summary"], r["vs_baseline"]
+            lo, hi = s["score_ci95"]
+            t = vs.get("score") if vs else None
+            body.append([r["variant"]["name"], f"{s['mean_score']:.3f}", f"{lo:.3f} - {hi:.3f}",
+                         "-" if t is None else f"{t['diff']:+.3f}" + (" *" if t["significant"] else ""),
+                         "-" if t is None else f"{t['diff_ci95'][0]:+.3f} - {t['diff_ci95'][1]:+.3f}",
+                         "-" if t is None else f"{t['p_value']:.3g}"])
+        lines.append(table(["variant", f"mean {result['metric']}", "95% CI", f"vs {base}", "95% CI of the difference",
+                            "p (permutation)"], body, markdown=True))
+        lines += ["", "Mean score: its 95% CI is a bootstrap over the items; against the baseline, the mean "
+                  "difference with a paired bootstrap interval and a paired sign-flip permutation test (10,000 "
+                  "resamples), \\* at p < 0.05."]
     if any(r["variant"]["base_url"] and r["summary"]["metric"] == "choice" for r in rows):
         lines += ["", "Multiple choice through an API is scored by generation: the letter (or choice text) its "
                   "reply names; local variants by the log-likelihood of each choice. The two are not the same "
@@ -424,7 +446,9 @@ def run(cfg: CompareConfig) -> int:
 
     # 3. paired tests, cost, rows
     names = [v.name for v in variants]
-    pairs = paired_tests(names, {k: outcomes(records[k], cfg.length_norm) for k in names}, cfg.seed)
+    graded = all(recs and "score" in recs[0] for recs in records.values())
+    pairs = paired_tests(names, {k: outcomes(records[k], cfg.length_norm) for k in names}, cfg.seed,
+                         {k: [r["score"] for r in records[k]] for k in names} if graded else None)
     rows = []
     for v in variants:
         s, recs, t = summaries[v.name], records[v.name], timing["variants"].get(v.name)

@@ -14,7 +14,8 @@ outcomes kept together; Efron & Tibshirani 1993, percentile interval). "Signific
 p < 0.05; the bootstrap interval shows how large the difference might be, it does not decide.
 
 A graded metric's mean score (ROUGE-L, token F1: values in [0, 1]) gets a percentile bootstrap interval of its
-own (`mean_interval`).
+own (`mean_interval`), and two of them on the same items a paired sign-flip permutation test with a paired
+bootstrap interval of the difference (`paired_score_test`): the graded counterpart of McNemar's test.
 """
 
 from __future__ import annotations
@@ -67,15 +68,9 @@ def paired_bootstrap_ci(a: Sequence[bool], b: Sequence[bool], resamples: int = 1
     n = len(a)
     if n == 0:
         return -1.0, 1.0
-    d = np.asarray(b, dtype=np.int8) - np.asarray(a, dtype=np.int8)  # per item: -1, 0 or +1
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, 2_000_000 // n)  # bound the index matrix to ~16 MB whatever the item count
-    for start in range(0, resamples, chunk):
-        rows = min(chunk, resamples - start)
-        means[start:start + rows] = d[rng.integers(0, n, size=(rows, n))].mean(axis=1)
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)  # per item: -1, 0 or +1
     tail = (1 - level) / 2
-    lo, hi = np.quantile(means, [tail, 1 - tail])
+    lo, hi = np.quantile(_bootstrap_means(d, resamples, seed), [tail, 1 - tail])
     return float(lo), float(hi)
 
 
@@ -95,6 +90,19 @@ def paired_comparison(a: Sequence[bool], b: Sequence[bool], seed: int = 0) -> di
             "only_a": only_a, "only_b": only_b, "p_value": p, "significant": p < ALPHA}
 
 
+def _bootstrap_means(x, resamples: int, seed: int):
+    """Means of `resamples` bootstrap samples of the 1-D array x (items drawn with replacement), seeded."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // x.size)  # bound the index matrix whatever the item count
+    for start in range(0, resamples, chunk):
+        rows = min(chunk, resamples - start)
+        means[start:start + rows] = x[rng.integers(0, x.size, size=(rows, x.size))].mean(axis=1)
+    return means
+
+
 def mean_interval(values, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (graded scores in [0, 1]; Efron & Tibshirani 1993):
     no normality assumed, and it stays inside the values' range. Seeded, so a rerun gives the same interval."""
@@ -103,12 +111,38 @@ def mean_interval(values, resamples: int = 10_000, seed: int = 0, level: float =
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
         return 0.0, 1.0
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, 2_000_000 // x.size)  # bound the index matrix whatever the item count
-    for start in range(0, resamples, chunk):
-        rows = min(chunk, resamples - start)
-        means[start:start + rows] = x[rng.integers(0, x.size, size=(rows, x.size))].mean(axis=1)
     tail = (1 - level) / 2
-    lo, hi = np.quantile(means, [tail, 1 - tail])
+    lo, hi = np.quantile(_bootstrap_means(x, resamples, seed), [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+def paired_score_test(a: Sequence[float], b: Sequence[float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """B against A on graded per-item scores (ROUGE-L, token F1) of the same items: the mean difference B - A with
+    a paired bootstrap 95% interval, and the two-sided p-value of a paired sign-flip permutation test (under "no
+    difference" each item's difference is as likely negative as positive; Fisher 1935, Good 2005): the share of
+    random sign assignments whose mean difference is at least as far from zero as the observed one, counting the
+    observed one itself ((1 + k) / (1 + resamples), so p is never 0). Significant: p < ALPHA."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same items: {len(a)} vs {len(b)}")
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = x.size
+    if n == 0:
+        return {"n": 0, "mean_a": 0.0, "mean_b": 0.0, "diff": 0.0, "diff_ci95": [-1.0, 1.0], "p_value": 1.0,
+                "significant": False}
+    d = y - x
+    observed = abs(d.mean())
+    if not np.any(d):
+        p = 1.0
+    else:
+        rng = np.random.default_rng(seed)
+        hits, chunk = 0, max(1, 2_000_000 // n)
+        for start in range(0, resamples, chunk):
+            rows = min(chunk, resamples - start)
+            signs = rng.integers(0, 2, size=(rows, n)) * 2 - 1
+            hits += int((np.abs((signs * d).mean(axis=1)) >= observed - 1e-12).sum())
+        p = (1 + hits) / (1 + resamples)
+    lo, hi = np.quantile(_bootstrap_means(d, resamples, seed), [0.025, 0.975])
+    return {"n": n, "mean_a": float(x.mean()), "mean_b": float(y.mean()), "diff": float(d.mean()),
+            "diff_ci95": [float(lo), float(hi)], "p_value": float(p), "significant": bool(p < ALPHA)}

@@ -207,6 +207,11 @@ def paired_test(paired: list[dict], a: str, b: str) -> dict | None:
             return p
         if (p["a"], p["b"]) == (b, a):
             lo, hi = p["diff_ci95"]
-            return {**p, "a": a, "b": b, "accuracy_a": p["accuracy_b"], "accuracy_b": p["accuracy_a"],
-                    "diff": -p["diff"], "diff_ci95": [-hi, -lo], "only_a": p["only_b"], "only_b": p["only_a"]}
+            out = {**p, "a": a, "b": b, "accuracy_a": p["accuracy_b"], "accuracy_b": p["accuracy_a"],
+                   "diff": -p["diff"], "diff_ci95": [-hi, -lo], "only_a": p["only_b"], "only_b": p["only_a"]}
+            if p.get("score"):  # a graded metric's paired test, oriented the same way
+                t = p["score"]
+                out["score"] = {**t, "mean_a": t["mean_b"], "mean_b": t["mean_a"], "diff": -t["diff"],
+                                "diff_ci95": [-t["diff_ci95"][1], -t["diff_ci95"][0]]}
+            return out
     return None
