@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("plan inference", "lmforge.plan.commands:InferencePlanConfig:run_inference", "cost per query and per month, latency, KV cache: API or self-hosted"),
     ("plan breakeven", "lmforge.plan.commands:BreakevenPlanConfig:run_breakeven", "queries until a one-off cost (e.g. a finetune) pays for itself"),
     ("plan compare", "lmforge.plan.commands:ComparePlanConfig:run_compare", "compare a scenario's options: costs, break-even volumes, chart, advice"),
+    ("plan decide", "lmforge.plan.decide:DecidePlanConfig:run", "compare runs -> the decision: monthly cost at volumes, the finetune's one-off and break-even, a significance-aware recommendation (decision.md + chart)"),
     ("plan calibrate", "lmforge.plan.commands:CalibratePlanConfig:run_calibrate", "a run's measured tokens/s -> this machine's $ per 1M tokens"),
     ("rag index", "lmforge.rag.commands:IndexConfig:run_index", "build or update a RAG index of documents (faiss + MiniLM embeddings)"),
     ("rag search", "lmforge.rag.commands:SearchConfig:run_search", "retrieve the chunks of an index closest to a question, with scores"),

@@ -60,6 +60,14 @@ def seconds(s: float | None) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown (GitHub) table; columns whose cells all look numeric are right-aligned."""
+    numeric = [bool(rows) and all(_looks_numeric(r[i]) for r in rows) for i in range(len(headers))]
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def jsonable(obj: Any) -> Any:
     """Replace inf/nan (not JSON) with None, recursively."""
     if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
