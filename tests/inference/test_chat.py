@@ -92,6 +92,7 @@ def test_chat_verb_samples_without_top_k_by_default(lm, monkeypatch):
     monkeypatch.setattr(Engine, "submit", record)
     for flags, top_k in [([], 0), (["--top-k", "3", "--rag-top-k", "2"], 3), (["--rag-top-k", "7"], 0)]:
         monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-        assert main(["chat", "--model", str(lm.path), "--max-new-tokens", "2", "--seed", "1", *flags]) == 0
+        assert main(["chat", "--model", str(lm.path), "--max-new-tokens", "2", "--seed", "1", "--no-compile",
+                     *flags]) == 0
         p = submitted.pop()
         assert p.top_k == top_k and p.temperature == 0.7 and p.top_p == 0.95 and p.seed == 1, flags

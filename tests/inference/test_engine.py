@@ -209,3 +209,51 @@ def test_values_a_tensor_cannot_hold_are_refused(model):
         with pytest.raises(LmforgeError, match=next(iter(bad))):
             eng.submit([1, 2], SamplingParams(**bad))
     assert eng.generate([[1, 2]], GREEDY.replace(top_k=10**9))[0] == eng.generate([[1, 2]], GREEDY)[0]
+
+
+def test_prefix_reuse_skips_the_shared_prefill_and_changes_nothing(model):
+    """A prompt that starts with what a free slot holds (the previous turn of a chat) prefills only the rest."""
+    turn1 = prompts(1, seed=11)[0]
+    eng = Engine(model, max_batch=2)
+    reply1 = eng.generate([turn1], GREEDY)[0]
+    turn2 = turn1 + reply1 + [7, 8, 9]  # the conversation so far, plus the next user message
+    reply2 = eng.generate([turn2], GREEDY)[0]
+    # everything fed to the model before is reused: the prompt and all but the last reply token
+    assert eng.stats.prompt_tokens_reused == len(turn1) + len(reply1) - 1
+    fresh = Engine(model, max_batch=2, prefix_reuse=False)
+    assert reply2 == fresh.generate([turn2], GREEDY)[0] == reference_greedy(model, turn2, 12)
+    assert fresh.stats.prompt_tokens_reused == 0
+
+
+def test_a_free_slot_keeps_its_prefix_while_others_decode(model):
+    """Slot 0 is free while slot 1 decodes (rows 0..1 run together): its kept prefix must survive that batch."""
+    ps = prompts(3, seed=12)
+    eng = Engine(model, max_batch=2)
+    first = eng.generate([ps[0]], GREEDY.replace(max_tokens=3))[0]  # slot 0 now holds ps[0] + first[:2]
+    a = eng.submit(ps[1], GREEDY)  # takes the empty slot 1 (slot 0's prefix does not match: kept)
+    eng.step()
+    assert a._slot == 1
+    while not a.done:
+        eng.step()  # decode batches of rows 0..1: slot 0 is a padding row
+    again = ps[0] + first + [3]
+    out = eng.generate([again], GREEDY)[0]
+    assert eng.stats.prompt_tokens_reused == len(ps[0]) + 2
+    assert out == reference_greedy(model, again, 12)
+
+
+def test_kv_budget_bounds_the_context_and_the_cache_grows_into_it(model, monkeypatch):
+    per_position = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_size * 4 * 2  # 2 slots, fp32
+    eng = Engine(model, max_batch=2, kv_memory=100 * per_position)
+    assert eng.max_len == 100 and eng.cache.capacity == 100  # less than the initial 256: all of it
+    with pytest.raises(LmforgeError, match="budget"):
+        Engine(model, max_batch=2, max_len=128, kv_memory=100 * per_position)
+    with pytest.raises(LmforgeError, match="less than 2 positions"):
+        Engine(model, max_batch=2, kv_memory=per_position)
+    big = Engine(model, max_batch=2)  # the model's context (128) allocated as it is used
+    assert big.cache.capacity == 128 and "grows on demand to 2 x 128 positions" in big.cache_summary()
+    p = prompts(1, seed=13)[0]
+    monkeypatch.setattr("lmforge.inference.engine.INITIAL_CAPACITY", 8)
+    small_first = Engine(model, max_batch=1)  # 8 positions at first: grows as the sequence does
+    assert small_first.cache.capacity == 8
+    assert small_first.generate([p], GREEDY.replace(max_tokens=40))[0] == reference_greedy(model, p, 40)
+    assert small_first.cache.capacity >= len(p) + 40

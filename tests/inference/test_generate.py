@@ -110,19 +110,32 @@ def test_help_lists_dtype_and_quantize_choices(verb, capsys):
     with pytest.raises(SystemExit):
         main([verb, "--help"])
     out = capsys.readouterr().out
-    assert "--dtype {float32,bfloat16,float16}" in out and "--quantize {int8}" in out
+    assert "--dtype {float32,bfloat16,float16}" in out and "--quantize {int8,int4}" in out
 
 
-def test_generate_refuses_a_kv_cache_that_cannot_fit(tmp_path, capsys):
-    """A 1M-parameter model declaring a 2**31-position context: one clear error with the fix, not torch's."""
+def test_generate_sizes_the_kv_cache_by_memory(tmp_path, capsys):
+    """A 1M-parameter model declaring a 2**31-position context: by default the cache gets what the budget buys
+    (and says so); a context asked for explicitly that cannot fit is one clear error with the fix, not torch's."""
     d = make_model_dir(tmp_path / "long", max_seq_len=2**31 - 1)
-    assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2"]) == 2
+    assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2",
+                 "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "KV cache: 1 sequence(s) x 256 positions allocated" in err and "of free memory" in err
+    assert "raise --kv-cache-memory for more" in err
+    assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2",
+                 "--max-len", "2147483647"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the KV cache for 1 sequence(s) of 2147483647 positions needs")
     assert "max_position_embeddings) is 2147483647" in err and "--max-len" in err and "Traceback" not in err
-    # the fix it names works
+    # the fixes it names work
     assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2",
                  "--max-len", "64", "--temperature", "0"]) == 0
+    assert main(["generate", "--model", str(d), "--prompt", "The quick", "--max-new-tokens", "2",
+                 "--kv-cache-memory", "1MB", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "budget: --kv-cache-memory" in err
+    assert main(["generate", "--model", str(d), "--prompt", "x", "--kv-cache-memory", "lots"]) == 2
+    assert "is not a size" in capsys.readouterr().err
 
 
 def test_generate_exits_non_zero_on_bad_values_and_hostile_templates(lm, tmp_path, capsys):

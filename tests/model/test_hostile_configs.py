@@ -169,13 +169,15 @@ def test_validate_names_cli_fields_for_yaml_configs():
 
 
 def test_kv_cache_that_cannot_fit_is_a_clear_error(good, tmp_path):
-    """A tiny model declaring a huge context: the cache it sizes is refused with the fix, not torch's error."""
+    """A tiny model declaring a huge context: a cache that cannot fit is refused with the fix, not torch's error;
+    by default the engine serves the context its memory budget buys."""
     d = _hostile_dir(good, tmp_path, _set(max_position_embeddings=MAX_SIZE))
     model = checkpoint.load_model(d)  # weights are small: loading is fine
-    from lmforge.inference.engine import Engine
+    from lmforge.inference.engine import KV_FREE_FRACTION, Engine
+    from lmforge.model.transformer import KVCache
 
     with pytest.raises(LmforgeError) as e:
-        Engine(model, max_batch=4)
+        KVCache(model.cfg, 4, MAX_SIZE)  # the model layer: all of it, allocated now
     msg = str(e.value)
     need = int(accounting.kv_cache_bytes(model.cfg, MAX_SIZE, 4, 4))
     assert f"4 sequence(s) of {MAX_SIZE} positions" in msg and f"({need} bytes)" in msg
@@ -183,8 +185,17 @@ def test_kv_cache_that_cannot_fit_is_a_clear_error(good, tmp_path):
     suggested = int(msg.split("(about ")[1].split()[0])
     free = memory.available_bytes("cpu")
     assert 0.5 < suggested * accounting.kv_cache_bytes(model.cfg, 1, 4, 4) / free < 2  # what is free, give or take
+    with pytest.raises(LmforgeError) as e:
+        Engine(model, max_batch=4, max_len=MAX_SIZE)  # the engine: a context asked for that its budget cannot buy
+    msg = str(e.value)
+    assert f"4 sequence(s) of {MAX_SIZE} positions" in msg and f"({need} bytes)" in msg and "--max-len" in msg
+    suggested = int(msg.split("(about ")[1].split()[0])
+    assert 0.5 < suggested * accounting.kv_cache_bytes(model.cfg, 1, 4, 4) / (KV_FREE_FRACTION * free) < 2
     with Engine(model, max_batch=4, max_len=64) as engine:  # the fix it names works
         assert engine.max_len == 64
+    engine = Engine(model, max_batch=4)  # by default: what the budget buys, allocated as it is used
+    assert 0.5 < engine.max_len / suggested < 2 and engine.cache.capacity == 256
+    assert "grows on demand to 4 x" in engine.cache_summary()
 
 
 def test_an_address_space_limit_counts_as_what_is_free():

@@ -99,3 +99,49 @@ def test_named_presets_have_published_sizes():
     assert abs(n("llama-2-7b") - 6.74) < 0.05
     assert abs(accounting.n_params(PRESETS["small"]) / 1e6 - 27.4) < 0.5
     assert abs(accounting.n_params(PRESETS["medium"]) / 1e6 - 82) < 1
+
+
+def test_fused_projections_same_logits_and_hf_names():
+    m = _model()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref, before = m(ids), m.state_dict()
+        m.fuse_projections()
+        assert (m(ids) - ref).abs().max() < 1e-5
+    attn = m.model.layers[0].self_attn
+    assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj")
+    after = m.state_dict()  # what a checkpoint of the fused model holds: Hugging Face's names, the same tensors
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_cache_grows_on_demand_keeping_what_it_holds():
+    m = _model()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 64, capacity=8)
+        parts = [m(ids[:, :6], input_pos=0, cache=cache)]
+        parts += [m(ids[:, t:t + 1], input_pos=t, cache=cache) for t in range(6, 40)]
+    assert cache.capacity == 64 and cache.max_len == 64  # 8 -> 16 -> 32 -> 64, never beyond max_len
+    assert (full - torch.cat(parts, 1)).abs().max() < 1e-5
+    try:
+        m(ids[:, :1], input_pos=64, cache=cache)
+        raise AssertionError("a position beyond max_len must be refused")
+    except ValueError as e:
+        assert "exceeds the KV cache" in str(e)
+
+
+def test_write_mask_leaves_rows_untouched():
+    """Padding rows of a fixed-size decode batch write nothing, so a free slot keeps the prefix it holds."""
+    m = _model()
+    ids = torch.randint(0, m.cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        cache = m.new_cache(3, 32)
+        m(ids, input_pos=0, cache=cache, slots=torch.tensor([1]))
+        held = [t.clone() for t in cache.k + cache.v]
+        out = m(torch.tensor([[5], [6], [7]]), input_pos=torch.tensor([[3], [2], [9]]), cache=cache,
+                write_mask=torch.tensor([True, False, True]))
+        assert out.shape == (3, 1, m.cfg.vocab_size)
+        for before, after in zip(held, cache.k + cache.v):
+            assert torch.equal(before[:, 1], after[:, 1])  # slot 1 as it was
+            assert not torch.equal(before[3, 0], after[3, 0]) and not torch.equal(before[9, 2], after[9, 2])

@@ -54,7 +54,7 @@ def test_chat_verb_rag_top_k_is_retrievals_own(rag_setup, monkeypatch, capsys):
     model_dir, index_dir = rag_setup
     monkeypatch.setattr("sys.stdin", io.StringIO("Which rocket carried astronauts to the Moon?\n"))
     assert main(["chat", "--model", str(model_dir), "--rag", str(index_dir), "--rag-top-k", "1", "--top-k", "3",
-                 "--temperature", "0", "--max-new-tokens", "2", "--no-stats"]) == 0
+                 "--temperature", "0", "--max-new-tokens", "2", "--no-stats", "--no-compile"]) == 0
     err = capsys.readouterr().err
     cited = [line for line in err.splitlines() if line.startswith("  [")]
     assert len(cited) == 1 and "rockets.txt" in cited[0]  # one chunk, as --rag-top-k asked; --top-k is sampling's

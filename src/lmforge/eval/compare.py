@@ -73,6 +73,8 @@ class CompareConfig:
     timing_passes: int = opt(5, help="timed passes per local variant after one warm-up pass (0: no timing)")
     dtype: str = opt("float32", help="weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     device: str = opt("cpu", help="torch device")
+    compile: bool = opt(True, help="compile the decode step (a model's first compile takes minutes, cached after; "
+                                   "--no-compile)")
     json: bool = opt(False, help="print the summaries as JSON instead of a table")
 
 
@@ -403,7 +405,7 @@ def run(cfg: CompareConfig) -> int:
             continue
         if v.model not in models:
             print(f"loading {v.model}", file=sys.stderr)
-            models[v.model] = EvalModel(v.model, cfg.dtype, cfg.device)
+            models[v.model] = EvalModel(v.model, cfg.dtype, cfg.device, compile=cfg.compile)
         em = models[v.model]
         if v.shots < 0 or v.top_k < 1:
             raise LmforgeError(f"variant {v.name}: shots must be >= 0 and top_k >= 1")

@@ -37,7 +37,7 @@ class Generated:
 class EvalModel:
     """A loaded checkpoint (model + tokenizer + stop ids) and the scoring/generation calls eval needs."""
 
-    def __init__(self, path: str | Path, dtype: str | None = None, device: str = "cpu"):
+    def __init__(self, path: str | Path, dtype: str | None = None, device: str = "cpu", compile: bool = False):
         from lmforge.inference.generate import need_tokenizer
         from lmforge.inference.load import load
 
@@ -52,6 +52,7 @@ class EvalModel:
         self.device = next(self.model.parameters()).device
         self.max_len = int(self.model.cfg.max_seq_len)
         self.stop_ids = list(self.loaded.eos_ids)
+        self.compile = compile  # the Engine's compiled decode step for generation (inference/decode.py)
 
     # ---- prompts ----------------------------------------------------------------------------------------
     @property
@@ -137,7 +138,10 @@ class EvalModel:
             if len(p) >= self.max_len:
                 raise LmforgeError(f"example {i + 1}: its prompt has {len(p)} tokens, the model's context "
                                    f"{self.max_len}; shorten it")
-        engine = Engine(self.model, max_batch=concurrency, max_len=self.max_len, eos_ids=self.stop_ids)
+        engine = Engine(self.model, max_batch=concurrency, max_len=self.max_len, eos_ids=self.stop_ids,
+                        compile=self.compile)
+        if engine.compiled is not None:
+            engine.warmup()  # compiled once per model and batch size in this process; cached on disk after
         lock = threading.Lock()
         results: list[Generated | None] = [None] * len(prompts)
 

@@ -70,6 +70,8 @@ class TaskConfig:
     seed: int = opt(0, help="seed of the few-shot draw")
     dtype: str = opt("float32", help="weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     device: str = opt("cpu", help="torch device")
+    compile: bool = opt(True, help="compile the decode step for generated answers (a model's first compile takes "
+                                   "minutes, cached after; --no-compile)")
     json: bool = opt(False, help="print the result as JSON")
     out: str = opt("", help="also write the result (with per-item records) as JSON to this file")
 
@@ -417,7 +419,7 @@ def evaluate(cfg: TaskConfig, em=None, index=None, label: str = "eval") -> dict:
 
         index = Index.open(cfg.rag)
         index.embedder  # noqa: B018  (load it now, not inside the first item's latency)
-    em = em or EvalModel(cfg.model, cfg.dtype, cfg.device)
+    em = em or EvalModel(cfg.model, cfg.dtype, cfg.device, compile=cfg.compile and metric != "choice")
     runner = Runner(em, examples, metric, cfg.shots, resolve_chat(cfg.chat, em), index, cfg.top_k, cfg.seed,
                     cfg.max_new_tokens)
     n = len(examples) if cfg.limit <= 0 else min(cfg.limit, len(examples))

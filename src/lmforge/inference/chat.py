@@ -32,9 +32,16 @@ class ChatConfig:
     system: str = opt("", "system prompt")
     max_new_tokens: int = opt(512, "most tokens per reply")
     sampling: SamplingOptions = opt(default_factory=lambda: SamplingOptions(temperature=0.7))
-    quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
+    quantize: str | None = opt(None, "weight-only quantization of every projection and the output head",
+                               choices=["int8", "int4"])
     dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
     stats: bool = opt(True, "print tokens/s after each reply (to stderr)")
+    compile: bool = opt(True, "compile the decode step at start (a model's first compile takes minutes, cached "
+                              "after; --no-compile starts at once and decodes slower)")
+    threads: int = opt(0, "CPU threads for decode (0 = chosen for this machine)")
+    prefill_threads: int = opt(0, "CPU threads for the prompt (0 = chosen for this machine)")
+    kv_cache_memory: str | None = opt(None, "KV cache budget, e.g. 2GB or 30% (of free memory); default: the "
+                                            "context, up to 25% of free memory")
 
 
 def fit_history(tokenizer, system: str, turns: list[dict], max_prompt: int) -> tuple[list[int], list[dict]]:
@@ -121,7 +128,7 @@ def repl(engine, tokenizer, cfg: ChatConfig, stdin: TextIO | None = None, stdout
 
 
 def run(cfg: ChatConfig, augment: Augment | None = None) -> int:
-    from lmforge.inference.engine import Engine
+    from lmforge.inference.engine import Engine, engine_kwargs
     from lmforge.inference.load import load
 
     if not cfg.model:
@@ -131,7 +138,13 @@ def run(cfg: ChatConfig, augment: Augment | None = None) -> int:
     if tok.chat_template is None:
         raise LmforgeError(f"{cfg.model} has no chat template (tokenizer_config.json chat_template); use "
                            "`lmforge generate` for plain text, or a chat/instruct model")
-    with Engine(lm.model, max_batch=1, eos_ids=lm.eos_ids) as engine:
+    engine = Engine(lm.model, max_batch=1, eos_ids=lm.eos_ids, compile=cfg.compile,
+                    **engine_kwargs(cfg.threads, cfg.prefill_threads, cfg.kv_cache_memory, lm.model))
+    print(engine.cache_summary(), file=sys.stderr)
+    if engine.compiled is not None:
+        print("compiling the decode step (--no-compile skips it)...", file=sys.stderr, flush=True)
+        print(f"compiled in {engine.warmup():.1f} s", file=sys.stderr)
+    with engine:
         try:
             repl(engine, tok, cfg, augment=augment)
         except KeyboardInterrupt:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import os
 import queue
 import random
 import threading
@@ -59,8 +60,47 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.inference.constrain import Constraint, allowed_tokens
 from lmforge.inference.sampling import PenaltyState, SamplingParams, logprobs_of, sample
+from lmforge.model import accounting, memory
 
 log = logging.getLogger("lmforge.engine")
+
+
+INITIAL_CAPACITY = 256  # positions per slot allocated at start; the cache doubles from there as sequences grow
+# Without --kv-cache-memory the cache may grow to the model's whole context for every slot, but to no more than
+# this share of the memory free at start (the weights are loaded by then); what that buys is said at start.
+KV_FREE_FRACTION = 0.25
+
+
+def default_threads() -> tuple[int, int]:
+    """(decode, prefill) CPU threads when the user gives none. See the module docstring for the measurements."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores, cores
+
+
+def engine_kwargs(threads: int = 0, prefill_threads: int = 0, kv_cache_memory: str | None = None,
+                  model=None) -> dict:
+    """Engine keyword arguments from the verbs' flags (--threads, --prefill-threads, --kv-cache-memory): 0 threads
+    means this machine's default (default_threads); a size as memory.parse_bytes reads it."""
+    decode, prefill = default_threads()
+    kw: dict = {"threads": threads or decode, "prefill_threads": prefill_threads or prefill}
+    if kv_cache_memory:
+        device = next(model.parameters()).device if model is not None else None
+        try:
+            kw["kv_memory"] = memory.parse_bytes(kv_cache_memory, device)
+        except ValueError as e:
+            raise LmforgeError(f"--kv-cache-memory {e}") from None
+    return kw
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class ContextLengthExceeded(LmforgeError):
@@ -190,6 +230,7 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_tokens: int = 0
     prefill_seconds: float = 0.0
+    prompt_tokens_reused: int = 0  # prompt tokens whose prefill a slot's kept prefix saved
     queue_length: int = 0
     running: int = 0
     last_tokens_per_s: float = 0.0
@@ -199,22 +240,29 @@ class Engine:
     """Batched generation over one model with a slot KV cache. Token ids in, token ids out."""
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, eos_ids: Sequence[int] = (),
-                 prefill_chunk: int = 512, max_queue: int = 256, seed: int = 0, compile: bool = False):
+                 prefill_chunk: int = 512, max_queue: int = 256, seed: int = 0, compile: bool = False,
+                 kv_memory: int | None = None, prefix_reuse: bool = True, threads: int | None = None,
+                 prefill_threads: int | None = None):
         if max_batch < 1:
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
             raise LmforgeError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model.eval()
         self.cfg = model.cfg
-        self.max_len = int(max_len or self.cfg.max_seq_len)
-        if not 2 <= self.max_len <= self.cfg.max_seq_len:
+        requested = int(max_len or self.cfg.max_seq_len)
+        if not 2 <= requested <= self.cfg.max_seq_len:
             raise LmforgeError(f"max_len must be between 2 and the model's context ({self.cfg.max_seq_len}), "
-                               f"got {self.max_len}")
+                               f"got {requested}")
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.vocab_size = self.cfg.vocab_size
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(max_batch, self.max_len)
+        self.kv_budget, self.kv_budget_source, self.max_len = self._size_cache(requested, max_len is not None,
+                                                                               kv_memory)
+        self.cache = model.new_cache(max_batch, self.max_len, capacity=min(self.max_len, INITIAL_CAPACITY))
+        self.prefix_reuse = prefix_reuse
+        # token ids whose keys/values a free slot still holds at positions 0..len-1 (prefix reuse)
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]
         self.stats = EngineStats()
         self._slots: list[Generation | None] = [None] * max_batch
         self._waiting: deque[Generation] = deque()
@@ -224,7 +272,63 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._forward = model.forward
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        # CPU threads for decode and for prefill (llama.cpp's -t / -tb); None leaves torch's setting alone
+        self.threads, self.prefill_threads = threads, prefill_threads
+        self.compiled = None
+        if compile:
+            from lmforge.inference.decode import CompiledDecode, batch_buckets, can_compile
+
+            why_not = can_compile(self.device)
+            if why_not:
+                log.warning("%s: decoding eagerly", why_not)
+            else:
+                self.compiled = CompiledDecode.for_model(model, self.threads)
+                self._buckets = batch_buckets(max_batch)
+
+    def _size_cache(self, requested: int, explicit: bool, kv_memory: int | None) -> tuple[int, str, int]:
+        """(budget bytes, where the budget came from, positions per slot it buys). See KV_FREE_FRACTION."""
+        per_position = accounting.kv_bytes_per_token(self.cfg, self.model.model.embed_tokens.weight.element_size())
+        per_position = int(per_position * self.max_batch)  # one position in every slot
+        free = memory.available_bytes(self.device)
+        if kv_memory is not None:
+            if kv_memory < 2 * per_position:
+                raise LmforgeError(f"--kv-cache-memory {memory.format_bytes(kv_memory)} holds less than 2 positions "
+                                   f"for {self.max_batch} sequence(s) ({memory.format_bytes(per_position)} per "
+                                   f"position); give more, or lower --max-batch")
+            if free is not None and kv_memory > free:
+                raise LmforgeError(f"--kv-cache-memory {memory.format_bytes(kv_memory)} is more than the "
+                                   f"{memory.format_bytes(free)} free on {self.device}; give less")
+            budget, source = kv_memory, "--kv-cache-memory"
+        else:
+            budget = requested * per_position
+            source = "the full context"
+            if free is not None and budget > KV_FREE_FRACTION * free:
+                budget = int(KV_FREE_FRACTION * free)
+                source = f"{KV_FREE_FRACTION:.0%} of free memory, {memory.format_bytes(free)}"
+        fits = min(requested, budget // per_position)
+        if fits < requested and explicit:
+            hint = f"about {fits} positions fit" if fits >= 2 else "no context fits"
+            raise LmforgeError(
+                f"the KV cache for {self.max_batch} sequence(s) of {requested} positions needs "
+                f"{memory.format_bytes(requested * per_position)} ({requested * per_position} bytes), but its "
+                f"budget is {memory.format_bytes(budget)} ({source}); the model's context (max_position_embeddings) "
+                f"is {self.cfg.max_seq_len}. Lower the context with --max-len N ({hint}), serve fewer sequences "
+                f"at once with --max-batch, or raise --kv-cache-memory")
+        if fits < 2:
+            raise LmforgeError(f"the KV cache budget {memory.format_bytes(budget)} ({source}) holds less than 2 "
+                               f"positions for {self.max_batch} sequence(s); lower --max-batch or free memory")
+        return budget, source, fits
+
+    def cache_summary(self) -> str:
+        """What the KV cache holds now, what it may grow to, and how many tokens of context that buys."""
+        c = self.cache
+        dtype = str(c.dtype).removeprefix("torch.")
+        clipped = (f" (the model's context is {self.cfg.max_seq_len}: raise --kv-cache-memory for more)"
+                   if self.max_len < self.cfg.max_seq_len and self.kv_budget_source != "the full context" else "")
+        return (f"KV cache: {c.slots} sequence(s) x {c.capacity} positions allocated ({memory.format_bytes(c.nbytes())}"
+                f", {dtype}); grows on demand to {c.slots} x {self.max_len} positions = "
+                f"{c.slots * self.max_len:,} tokens of context in {memory.format_bytes(c.bytes_for(self.max_len))} "
+                f"(budget: {self.kv_budget_source}){clipped}")
 
     # ---- public API (any thread) ---------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Generation:
@@ -274,12 +378,18 @@ class Engine:
                 self.step()
         return [g.result() for g in gens]
 
-    def warmup(self) -> None:
-        """Run the single-stream and batched decode paths once (compiles them when compile=True)."""
+    def warmup(self) -> float:
+        """Compile (or load from the compile cache) the decode graphs of every batch size when compile=True, then
+        run the prefill and decode paths once; returns the seconds it took. Leaves the slots empty."""
+        t = time.perf_counter()
+        if self.compiled is not None:
+            self.compiled.warmup(self.max_batch, self._buckets, self.cache.dtype)
         sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         self.generate([[0, 1]], sp)
         if self.max_batch > 1:
             self.generate([[0, 1], [2, 3, 4]], sp)
+        self._slot_tokens = [[] for _ in range(self.max_batch)]
+        return time.perf_counter() - t
 
     @property
     def running(self) -> bool:
@@ -350,9 +460,10 @@ class Engine:
             self._waiting = keep
             while self._waiting and None in self._slots:
                 g = self._waiting.popleft()
-                slot = self._slots.index(None)
+                slot, reuse = self._choose_slot(g)
                 self._slots[slot] = g
-                g._slot, g._state, g._pos = slot, _PREFILL, 0
+                g._slot, g._state, g._pos = slot, _PREFILL, reuse
+                self.stats.prompt_tokens_reused += reuse
                 if g.params.needs_penalties:
                     g._penalty = PenaltyState(self.vocab_size, g.prompt_ids, self.device)
             self.stats.queue_length = len(self._waiting)
@@ -361,9 +472,33 @@ class Engine:
         worked = self._decode() or worked
         return worked
 
+    def _use_threads(self, n: int | None) -> None:
+        # per calling thread in OpenMP, so set from the thread that runs the model (the loop, or a step() caller)
+        if n and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+    def _choose_slot(self, g: Generation) -> tuple[int, int]:
+        """(free slot, prompt tokens whose keys/values it already holds). The slot holding the longest prefix of
+        the prompt wins; on a tie, the one holding the least beyond it (what is evicted is worth the least)."""
+        best, best_key = -1, None
+        for slot, occupant in enumerate(self._slots):
+            if occupant is not None:
+                continue
+            held = self._slot_tokens[slot]
+            # a prompt to score (prompt_logprobs) is prefilled from its first token
+            match = _common_prefix(held, g.prompt_ids) if self.prefix_reuse and g.prompt_logprobs is None else 0
+            match = min(match, len(g.prompt_ids) - 1)  # the last prompt token is always run: it gives the logits
+            key = (match, -(len(held) - match), -slot)
+            if best_key is None or key > best_key:
+                best, best_key = slot, key
+        self._slot_tokens[best] = []  # the new occupant overwrites from `match` on
+        return best, best_key[0]
+
     def _prefill(self) -> bool:
         budget = self.prefill_chunk
         todo = sorted((g for g in self._slots if g is not None and g._state == _PREFILL), key=lambda g: g.id)
+        if todo:
+            self._use_threads(self.prefill_threads or self.threads)
         for g in todo:
             if budget <= 0:
                 break
@@ -382,11 +517,9 @@ class Engine:
         T = len(chunk)
         last = start + T == len(g.prompt_ids)
         idx = torch.tensor([chunk], device=self.device)
-        if g._slot == 0:  # rows 0..0 of the cache, contiguous positions: no index tensors
-            kw = dict(input_pos=start)
-        else:
-            kw = dict(input_pos=torch.arange(start, start + T, device=self.device)[None],
-                      slots=torch.tensor([g._slot], device=self.device), cache_len=start + T)
+        kw = dict(input_pos=start)
+        if g._slot != 0:  # slot 0 is rows 0..0 of the cache: a view, no index tensor
+            kw["slots"] = torch.tensor([g._slot], device=self.device)
         logits = None
         if g.prompt_logprobs is not None:  # every position's logits, for this chunk only
             all_logits = self._forward(idx, cache=self.cache, **kw)[0]  # T V
@@ -446,19 +579,27 @@ class Engine:
     def _decode_logits(self, rows: list[Generation]) -> torch.Tensor:
         """One batched decode forward: the next-token logits [R, V] of the decoding rows."""
         n = max(g._slot for g in rows) + 1
-        if n == 1:  # single-stream fast path
+        self._use_threads(self.threads)
+        if self.compiled is not None:
+            toks, pos, live = [0] * n, [0] * n, [False] * n  # free or prefilling rows below n write nothing
+            for g in rows:
+                toks[g._slot], pos[g._slot], live[g._slot] = g._last, g._pos, True
+            logits = self.compiled(self.cache, toks, pos, live, self._buckets)  # n V
+        elif n == 1:  # single-stream fast path
             g = rows[0]
-            return self._decode_forward(torch.tensor([[g._last]], device=self.device), input_pos=g._pos,
-                                        cache=self.cache)[:, -1]  # 1 V
-        toks, pos = [0] * n, [0] * n
-        for i, other in enumerate(self._slots[:n]):
-            if other is not None:  # a prefilling row writes a dummy at its own next position (overwritten later)
-                pos[i] = other._pos
-        for g in rows:
-            toks[g._slot], pos[g._slot] = g._last, g._pos
-        logits = self._decode_forward(torch.tensor(toks, device=self.device)[:, None],
-                                      input_pos=torch.tensor(pos, device=self.device)[:, None],
-                                      cache=self.cache, cache_len=max(pos) + 1)[:, -1]  # n V
+            return self._forward(torch.tensor([[g._last]], device=self.device), input_pos=g._pos,
+                                 cache=self.cache)[:, -1]  # 1 V
+        else:
+            toks, pos = [0] * n, [0] * n
+            for g in rows:
+                toks[g._slot], pos[g._slot] = g._last, g._pos
+            write = None
+            if len(rows) != n:  # free or prefilling rows below n write nothing (a free slot keeps its prefix)
+                write = torch.zeros(n, dtype=torch.bool, device=self.device)
+                write[torch.tensor([g._slot for g in rows], device=self.device)] = True
+            logits = self._forward(torch.tensor(toks, device=self.device)[:, None],
+                                   input_pos=torch.tensor(pos, device=self.device)[:, None],
+                                   cache=self.cache, cache_len=max(pos) + 1, write_mask=write)[:, -1]  # n V
         if len(rows) != n:
             logits = logits[torch.tensor([g._slot for g in rows], device=self.device)]
         return logits
@@ -556,5 +697,8 @@ class Engine:
         g.t_done = time.perf_counter()
         if 0 <= g._slot < len(self._slots) and self._slots[g._slot] is g:
             self._slots[g._slot] = None  # the slot is free for the next admission
+            # what the cache holds for it stays, for a later prompt that starts the same way (not after a failure:
+            # a forward that raised may have written part of a step)
+            self._slot_tokens[g._slot] = [] if reason == "error" else (g.prompt_ids + g.output_ids)[:g._pos]
         self.stats.requests_finished += 1
         g._push(event or TokenEvent(None, finish_reason=reason, error=error))

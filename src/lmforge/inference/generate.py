@@ -150,11 +150,17 @@ class GenerateConfig:
     chat: bool = opt(False, "wrap the prompt as a user message in the model's chat template")
     system: str = opt("", "system prompt (with --chat)")
     stop: list[str] = opt(help="stop string (repeatable); never printed", default_factory=list)
-    quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
+    quantize: str | None = opt(None, "weight-only quantization of every projection and the output head",
+                               choices=["int8", "int4"])
     dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
-    compile: bool = opt(False, "torch.compile the decode step (slow to start, faster per token)")
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
-    max_len: int | None = opt(None, "context length: prompt + new tokens (default: the model's max_seq_len)")
+    compile: bool = opt(False, "compile the decode step: faster per token, but a model's first compile takes "
+                               "minutes (cached: later starts take seconds), so it pays for long generations")
+    threads: int = opt(0, "CPU threads for decode (0 = chosen for this machine)")
+    prefill_threads: int = opt(0, "CPU threads for the prompt (0 = chosen for this machine)")
+    max_len: int | None = opt(None, "context length: prompt + new tokens (default: the model's max_seq_len, "
+                                    "as far as the KV cache budget buys)")
+    kv_cache_memory: str | None = opt(None, "KV cache budget, e.g. 2GB or 30% (of free memory); default: the "
+                                            "context, up to 25% of free memory")
 
 
 def read_prompt(prompt: str) -> str:
@@ -167,8 +173,6 @@ def read_prompt(prompt: str) -> str:
 
 
 def run(cfg: GenerateConfig) -> int:
-    import torch
-
     from lmforge.inference.engine import Engine
     from lmforge.inference.load import load
 
@@ -177,8 +181,8 @@ def run(cfg: GenerateConfig) -> int:
     prompt = read_prompt(cfg.prompt)
     if not prompt and not cfg.chat:
         raise LmforgeError("--prompt TEXT is required ('-' reads stdin)")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    from lmforge.inference.engine import engine_kwargs
+
     lm = load(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
     tok = need_tokenizer(lm.tokenizer)
     if cfg.chat:
@@ -187,7 +191,11 @@ def run(cfg: GenerateConfig) -> int:
     else:
         ids = completion_ids(tok, prompt)
     params = cfg.sampling.params(cfg.max_new_tokens)
-    engine = Engine(lm.model, max_batch=1, max_len=cfg.max_len, eos_ids=lm.eos_ids, compile=cfg.compile)
+    engine = Engine(lm.model, max_batch=1, max_len=cfg.max_len, eos_ids=lm.eos_ids, compile=cfg.compile,
+                    **engine_kwargs(cfg.threads, cfg.prefill_threads, cfg.kv_cache_memory, lm.model))
+    print(engine.cache_summary(), file=sys.stderr)
+    if engine.compiled is not None:
+        print(f"compiled the decode step in {engine.warmup():.1f} s", file=sys.stderr)
     gen = engine.submit(ids, params)
     engine.start()
     t0 = time.perf_counter()

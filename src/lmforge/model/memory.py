@@ -3,8 +3,9 @@
 Owns: `available_bytes(device)`: for a CUDA device its free memory (plus what torch's caching allocator holds
 unused); for the host the smallest of /proc/meminfo's MemAvailable (os.sysconf where there is no /proc), the
 headroom under a cgroup memory limit (containers) and the headroom under the process's address-space limit
-(`ulimit -v`). `format_bytes` for messages. Leaves to accounting.py what a model needs, and to the callers
-(checkpoint loading, the KV cache) what to suggest instead.
+(`ulimit -v`). `format_bytes` for messages, `parse_bytes` for sizes users type (--kv-cache-memory 2GB, or 30%
+of what is free). Leaves to accounting.py what a model needs, and to the callers (checkpoint loading, the KV
+cache) what to suggest instead.
 
 Why ask first rather than catch the allocator's error: on the host an oversized allocation is rarely refused;
 torch zero-fills it page by page until the machine swaps or the OOM killer ends the process. On CUDA the
@@ -91,3 +92,27 @@ def format_bytes(n: float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} bytes"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, device: Any = None) -> int:
+    """'2GB', '512MiB', '1.5g', '3000000' (bytes) or '30%' (of what is free on `device` now) -> bytes.
+
+    Raises ValueError with what was wrong (callers turn it into their own error)."""
+    s = str(text).strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        free = available_bytes(device)
+        if free is None:
+            raise ValueError(f"{text!r}: a share of free memory, but how much is free here cannot be known")
+        pct = float(s[:-1])
+        if not 0 < pct <= 100:
+            raise ValueError(f"{text!r}: a percentage must be in (0, 100]")
+        return int(free * pct / 100)
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"{text!r} is not a size: write e.g. 2GB, 512MiB, 3000000 (bytes) or 30% (of free memory)")
+    return int(float(num) * _UNITS[unit])

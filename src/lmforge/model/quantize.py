@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization by module surgery: every projection nn.Linear becomes an Int8Linear.
+"""Weight-only int8 and int4 quantization by module surgery: every projection nn.Linear (the output head
+included) becomes an Int8Linear or an Int4Linear.
 
 Per-output-channel symmetric int8 (as LLM.int8's vector-wise weights, Dettmers et al. 2022, without outliers;
 gpt-fast's and torchao's int8 weight-only): scale[o] = max_i |W[o, i]| / 127, Wq = round(W / scale) in
@@ -12,12 +13,23 @@ Forward, measured on an AVX-512/AMX Xeon (benchmarks/bench_decode.py):
   - many rows (prefill): dequantize to bf16 once per call and use the bf16 GEMM (compute-bound there anyway).
   - without that kernel (old torch, other devices, in_features not a multiple of 16): dequantize, then F.linear.
 
-What is quantized: attention and MLP projections and the lm_head (in small models the lm_head is a large share
-of the bytes read per token; when tied, the embedding table stays full precision, since a lookup reads one
-row). Surgery is from outside: the model file stays plain; the module holds `qweight` and `scale`, no `weight`.
+int4 (Int4Linear): groups of `group_size` input columns (default 32, llama.cpp's q4 block) with an asymmetric
+min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's and torchao's int4 weight-only),
+packed in torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits per weight
+and dequantizes in registers (bf16 activations, bf16 scales). Many rows (prefill): the weight is unpacked to bf16
+once per call for the bf16 GEMM, as for int8. A projection whose shape the kernel cannot take (out_features not
+a multiple of 16, in_features not a multiple of any group size down to 16) stays int8, and `quantize` says so.
+CPU only: the kernel and its packing are the CPU ones.
+
+What is quantized: attention and MLP projections (fused qkv_proj / gate_up_proj too) and the lm_head (in small
+models the lm_head is a large share of the bytes read per token; when tied, the embedding table stays full
+precision, since a lookup reads one row, and the head gets its own quantized copy). Surgery is from outside:
+the model file stays plain; the module holds `qweight` and scales, no `weight`.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +37,11 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+               "qkv_proj", "gate_up_proj")
+METHODS = ("int8", "int4")
+INT4_GROUP_SIZE = 32
+log = logging.getLogger("lmforge.quantize")
 _FUSED_MAX_ROWS = 16  # above this many rows the dequantize + bf16 GEMM path is faster (measured)
 _HAS_PACK_MM = hasattr(torch, "_weight_int8pack_mm")
 
@@ -74,28 +90,135 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module, targets: tuple[str, ...] = PROJECTIONS) -> nn.Module:
-    """Replace every nn.Linear whose name ends in one of `targets` by an Int8Linear, in place. Returns model."""
+def quantize_int4_weight(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int32 [out, in] in 0..15, scale [out, in/g], minimum [out, in/g]); w ~ q * scale + min."""
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((wg - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32).reshape(n, k)
+    return q, scale, lo
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Invert `_convert_weight_to_int4pack_for_cpu`: packed uint8 [n, k/2] -> int32 [n, k] in 0..15.
+
+    torch's CPU layout (checked by tests against the packing op): rows in blocks of 64, each [k, 32] bytes whose
+    low nibble is row r and high nibble row r + 32; a tail of n mod 64 rows as [k, tail/2] bytes packing rows
+    2j (low) and 2j + 1 (high)."""
+    blocks = n // 64
+    parts = []
+    if blocks:
+        b = packed[:blocks * 64].reshape(blocks, k, 32)
+        parts.append(torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(blocks * 64, k))
+    tail = n - blocks * 64
+    if tail:
+        t = packed[blocks * 64:].reshape(k, tail // 2)
+        parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).t())
+    return torch.cat(parts).to(torch.int32)
+
+
+def int4_group_size(linear: nn.Linear, group_size: int) -> int | None:
+    """The largest group size <= group_size (powers of two down to 16) the int4 kernel takes for this layer."""
+    if linear.out_features % 16:
+        return None
+    g = group_size
+    while g >= 16:
+        if linear.in_features % g == 0:
+            return g
+        g //= 2
+    return None
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + bias, W in int4 groups (see the module docstring), packed for the CPU kernel."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        if linear.weight.device.type != "cpu":
+            raise LmforgeError("int4 quantization runs on CPU only (torch's int4 CPU kernel); use int8 elsewhere")
+        q, scale, lo = quantize_int4_weight(linear.weight, group_size)
+        # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
+        zeros = lo + 8 * scale
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # n k/2 uint8
+        self.register_buffer("scales_zeros", torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
+                             .to(torch.bfloat16))  # k/g n 2
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.qweight, self.out_features, self.in_features).float() - 8
+        sz = self.scales_zeros.float()  # k/g n 2
+        scale = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)  # n k
+        zero = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
+        return (q * scale + zero).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] <= _FUSED_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size,
+                                                           self.scales_zeros)
+        else:
+            y = F.linear(x2, self.dequantize(torch.bfloat16))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+
+
+def _swap(model: nn.Module, targets: tuple[str, ...], make) -> int:
     swapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(module, child_name, Int8Linear(child))
+                setattr(module, child_name, make(child))
                 swapped += 1
     if swapped == 0:
         raise LmforgeError("found no nn.Linear projections to quantize (already quantized, or LoRA not merged?)")
+    return swapped
+
+
+def quantize_int8(model: nn.Module, targets: tuple[str, ...] = PROJECTIONS) -> nn.Module:
+    """Replace every nn.Linear whose name ends in one of `targets` by an Int8Linear, in place. Returns model."""
+    _swap(model, targets, Int8Linear)
     return model
 
 
-def quantize(model: nn.Module, method: str | None) -> nn.Module:
-    """Apply a named method: None/'none' (no change) or 'int8'."""
+def quantize_int4(model: nn.Module, group_size: int = INT4_GROUP_SIZE,
+                  targets: tuple[str, ...] = PROJECTIONS) -> nn.Module:
+    """Replace every target nn.Linear by an Int4Linear (an Int8Linear where the int4 kernel cannot take its
+    shape), in place. Returns model."""
+    if group_size not in (16, 32, 64, 128, 256):
+        raise LmforgeError(f"int4 group size must be 16, 32, 64, 128 or 256, got {group_size}")
+    fallback = []
+
+    def make(linear: nn.Linear) -> nn.Module:
+        g = int4_group_size(linear, group_size)
+        if g is None:
+            fallback.append(f"{linear.out_features}x{linear.in_features}")
+            return Int8Linear(linear)
+        return Int4Linear(linear, g)
+
+    _swap(model, targets, make)
+    if fallback:
+        log.warning("int4: %d projection(s) of shapes %s stay int8 (the int4 kernel needs out_features %% 16 == 0 "
+                    "and in_features a multiple of 16)", len(fallback), ", ".join(sorted(set(fallback))))
+    return model
+
+
+def quantize(model: nn.Module, method: str | None, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+    """Apply a named method: None/'none' (no change), 'int8' or 'int4'."""
     if method in (None, "", "none"):
         return model
     if method == "int8":
         return quantize_int8(model)
-    raise LmforgeError(f"unknown quantization {method!r}; choose int8 or none")
-
-
+    if method == "int4":
+        return quantize_int4(model, group_size)
+    raise LmforgeError(f"unknown quantization {method!r}; choose int8, int4 or none")
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers (what decode reads per token, the KV cache aside)."""
     seen, total = set(), 0

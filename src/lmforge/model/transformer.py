@@ -121,33 +121,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values, one [slots, K, max_len, D] pair per layer.
+    """Keys and values of up to `slots` sequences: one [capacity, slots, K, D] pair per layer, grown on demand.
 
     Each slot holds one sequence. A forward with `input_pos` writes its new keys/values at those positions
     and attends to positions <= its own, so stale entries from a slot's previous occupant are never read.
+
+    Positions are the outermost dimension: the rows 0..B-1 of a decode batch read `k[:L, :B]` as a view whose
+    strides do not depend on the capacity, so growing the cache (`reserve`: a larger allocation with the old
+    positions copied in) changes only the length of dimension 0, and a compiled decode step marked dynamic there
+    never recompiles for it. `capacity` positions are allocated at construction (default: all of `max_len`);
+    `reserve(n)` grows to max(n, twice the capacity), never beyond `max_len`.
     A cache the device cannot hold is refused up front with an LmforgeError that says how to shrink it:
     torch zero-fills CPU memory page by page, so an oversized cache would otherwise swap or meet the OOM killer.
     """
 
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (slots, cfg.n_kv_heads, max_len, cfg.head_size)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        need = int(accounting.kv_cache_bytes(cfg, max_len, slots, itemsize))
-        free = memory.available_bytes(device)
-        if free is not None and need > free:
-            raise LmforgeError(_cache_too_big(cfg, slots, max_len, need, free, itemsize, device))
-        try:
-            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
-                raise
-            raise LmforgeError(_cache_too_big(cfg, slots, max_len, need, memory.available_bytes(device),
-                                              itemsize, device)) from None
-        self.slots, self.max_len = slots, max_len
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32,
+                 capacity: int | None = None):
+        self.cfg, self.slots, self.max_len, self.device, self.dtype = cfg, slots, max_len, device, dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._allocate(min(capacity or max_len, max_len))
+
+    @property
+    def capacity(self) -> int:
+        """Positions per slot allocated now (a symbolic size under torch.compile)."""
+        return self.k[0].shape[0]
+
+    def bytes_for(self, positions: int) -> int:
+        return int(accounting.kv_cache_bytes(self.cfg, positions, self.slots, self.itemsize))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions per slot, keeping what the slots hold."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} positions exceeds the KV cache ({self.max_len})")
+        self._allocate(min(self.max_len, max(length, 2 * self.capacity)))
+
+    def _allocate(self, capacity: int) -> None:
+        shape = (capacity, self.slots, self.cfg.n_kv_heads, self.cfg.head_size)
+        need = self.bytes_for(capacity) - self.nbytes()  # the old tensors go as the new ones come
+        free = memory.available_bytes(self.device)
+        if free is not None and need > free:
+            raise LmforgeError(_cache_too_big(self.cfg, self.slots, capacity, self.bytes_for(capacity), free,
+                                              self.itemsize, self.device))
+        try:
+            # plain tensors even inside inference_mode, so a compiled step sees the same kind after a growth
+            with torch.inference_mode(False):
+                for store in (self.k, self.v):
+                    for i in range(self.cfg.n_layers):
+                        t = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                        if i < len(store):
+                            n = min(store[i].shape[0], capacity)
+                            t[:n].copy_(store[i][:n])
+                            store[i] = t
+                        else:
+                            store.append(t)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            raise LmforgeError(_cache_too_big(self.cfg, self.slots, capacity, self.bytes_for(capacity),
+                                              memory.available_bytes(self.device), self.itemsize,
+                                              self.device)) from None
 
 
 def _cache_too_big(cfg: ModelConfig, slots: int, max_len: int, need: int, free: int | None, itemsize: int,
@@ -170,18 +209,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_size, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_size, cfg.hidden_size, bias=False)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """One qkv_proj for q/k/v (one matmul instead of three); state_dict() still says q_proj, k_proj, v_proj."""
+        if not self.fused:
+            self.qkv_proj = _concat_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+            self.fused = True
 
     def forward(self, x, cos, sin, ctx: _Context, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # B H T D
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # B K T D
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_size, self.n_kv * self.head_size,
+                                              self.n_kv * self.head_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # B H T D
+        k = k.view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # B K T D
+        v = v.view(B, T, self.n_kv, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.write_and_read(layer, k, v)  # B K L D
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:
+            # 16-bit attention on CPU is several times slower than fp32 (measured: 149 vs 22 us per decode call
+            # over a 256-position cache); the casts of q and the keys read cost far less
+            q, k, v = q.float(), k.float(), v.float()
         # enable_gqa: each group of H/K query heads reads one kv head, without repeating k and v (torch >= 2.5)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+                                           enable_gqa=self.n_kv != self.n_heads).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
 
 
@@ -193,9 +249,48 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """One gate_up_proj for gate/up; state_dict() still says gate_proj, up_proj."""
+        if not self.fused:
+            self.gate_up_proj = _concat_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
+            self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _concat_linears(module: nn.Module, names: tuple[str, ...], fused_name: str) -> nn.Linear:
+    """The nn.Linears `names` of `module` stacked along their outputs into one (removed from `module`), and a
+    state_dict hook that writes the stacked weights back under the original names, so checkpoints keep HF's."""
+    parts = [getattr(module, n) for n in names]
+    if any(type(p) is not nn.Linear for p in parts):
+        raise LmforgeError(f"cannot fuse {', '.join(names)}: fuse before quantizing or adding LoRA")
+    w = parts[0].weight
+    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                      device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.requires_grad_(w.requires_grad)
+    sizes = [p.out_features for p in parts]
+    for n in names:
+        delattr(module, n)
+
+    def split_back(mod, state_dict, prefix, local_metadata):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{fused_name}.{kind}"
+            if key in state_dict:
+                for n, t in zip(names, state_dict.pop(key).split(sizes)):
+                    state_dict[f"{prefix}{n}.{kind}"] = t
+    module.register_state_dict_post_hook(split_back)
+    return fused
 
 
 class Block(nn.Module):
@@ -214,27 +309,29 @@ class Block(nn.Module):
 class _Context:
     """Per-forward attention bookkeeping shared by all layers: cache writes, the mask, causal flag."""
 
-    def __init__(self, cache, slots, start, pos, mask, is_causal, length):
+    def __init__(self, cache, slots, start, pos, mask, is_causal, length, write_mask=None):
         self.cache, self.slots, self.start, self.pos = cache, slots, start, pos
-        self.mask, self.is_causal, self.length = mask, is_causal, length
+        self.mask, self.is_causal, self.length, self.write_mask = mask, is_causal, length, write_mask
 
     def write_and_read(self, layer, k, v):
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        if self.pos is None:  # contiguous positions start..start+T for rows 0..B-1
-            B, T = k.shape[0], k.shape[2]
-            kc[:B, :, self.start:self.start + T] = k
-            vc[:B, :, self.start:self.start + T] = v
-            return kc[:B, :, :self.length], vc[:B, :, :self.length]
-        B = k.shape[0]
-        if self.slots is None:  # rows 0..B-1: read a view, not a gathered copy of the cache (decode speed)
-            rows = torch.arange(B, device=k.device)[:, None]
-            kc[rows, :, self.pos] = k.transpose(1, 2)  # index dims first: B T K D
-            vc[rows, :, self.pos] = v.transpose(1, 2)
-            return kc[:B, :, :self.length], vc[:B, :, :self.length]
-        rows = self.slots[:, None]  # B 1
-        kc[rows, :, self.pos] = k.transpose(1, 2)
-        vc[rows, :, self.pos] = v.transpose(1, 2)
-        return kc[self.slots, :, :self.length], vc[self.slots, :, :self.length]
+        """Write this forward's keys/values k, v [B, K, T, D]; return the keys/values to attend to [B, K, L, D]."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]  # capacity S K D
+        L = self.length
+        # the rows' slots: 0..B-1 (a view of the cache, no gathered copy: decode speed) or `slots`
+        rows = slice(0, k.shape[0]) if self.slots is None else self.slots
+        if self.pos is None:  # contiguous positions start..start+T, shared by the rows
+            T = k.shape[2]
+            kc[self.start:self.start + T, rows] = k.permute(2, 0, 1, 3)  # T B K D
+            vc[self.start:self.start + T, rows] = v.permute(2, 0, 1, 3)
+        else:  # per-row positions [B, T]
+            idx = (torch.arange(k.shape[0], device=k.device) if self.slots is None else self.slots)[:, None]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # B T K D
+            if self.write_mask is not None:  # rows left out write back what the cache holds there
+                keep = self.write_mask[:, None, None, None]
+                k, v = torch.where(keep, k, kc[self.pos, idx]), torch.where(keep, v, vc[self.pos, idx])
+            kc[self.pos, idx] = k
+            vc[self.pos, idx] = v
+        return kc[:L, rows].permute(1, 2, 0, 3), vc[:L, rows].permute(1, 2, 0, 3)
 
 
 class Body(nn.Module):
@@ -274,10 +371,20 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * s)
 
-    def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def new_cache(self, slots: int, max_len: int | None = None, dtype=None, capacity: int | None = None) -> KVCache:
+        """A KVCache of `slots` sequences up to max_len positions (default: the context), `capacity` allocated now
+        (default: all of it); in the model's dtype unless `dtype` is given."""
         max_len = max_len or self.cfg.max_seq_len
         w = self.model.embed_tokens.weight  # lm_head may be swapped out (quantization)
-        return KVCache(self.cfg, slots, max_len, device=w.device, dtype=dtype or w.dtype)
+        return KVCache(self.cfg, slots, max_len, device=w.device, dtype=dtype or w.dtype, capacity=capacity)
+
+    def fuse_projections(self) -> Transformer:
+        """Concatenate every layer's q/k/v and gate/up projections (fewer, larger matmuls: faster inference).
+        Checkpoints written from the fused model keep Hugging Face's names. Before quantization and LoRA."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     # ---- forward ------------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,8 +400,9 @@ class Transformer(nn.Module):
             return cos[None, None], sin[None, None]  # 1 1 T D
         return cos[:, None], sin[:, None]  # B 1 T D
 
-    def _window_mask(self, q_pos: torch.Tensor, L: int) -> torch.Tensor:
-        """Bool mask [B or 1, 1, T, L]: key j visible from query position p iff p - window < j <= p."""
+    def window_mask(self, q_pos: torch.Tensor, L: int) -> torch.Tensor:
+        """Bool mask [B or 1, 1, T, L] for query positions q_pos [B, T] (or [T]) over keys 0..L-1: key j is
+        visible from query position p iff p - window < j <= p (j <= p without a sliding window)."""
         j = torch.arange(L, device=q_pos.device)
         qp = q_pos[..., None]  # (B) T 1
         ok = j <= qp
@@ -302,60 +410,61 @@ class Transformer(nn.Module):
             ok = ok & (j > qp - self.cfg.sliding_window)
         return ok[:, None] if ok.dim() == 3 else ok[None, None]
 
-    def _attention_plan(self, B: int, T: int, positions: torch.Tensor, per_row: bool, start: int,
+    def _attention_plan(self, T: int, positions: torch.Tensor, per_row: bool, start: int,
                         cache: KVCache | None, slots: torch.Tensor | None, mask: torch.Tensor | None,
-                        cache_len: int | None) -> _Context:
+                        cache_len: int | None, write_mask: torch.Tensor | None) -> _Context:
         """How every layer's attention runs in this forward: which cache rows it writes, how many keys L it reads,
         and its mask. Decided once here so that the layers only follow it.
 
-        | cache | positions                        | keys L                    | mask, unless one is given           |
-        |-------|----------------------------------|---------------------------|-------------------------------------|
-        | no    | per-row tensor [B, T]            | T                         | window mask of the positions        |
-        | no    | contiguous                       | T                         | window mask if the sliding window   |
-        |       |                                  |                           | is shorter than T, else is_causal   |
-        |       |                                  |                           | (T > 1) or none (T = 1)             |
-        | yes   | per-row tensor, or `slots` given | cache_len or max(pos) + 1 | window mask of the positions        |
-        | yes   | contiguous from start            | start + T                 | window mask if the sliding window   |
-        |       |                                  |                           | is shorter than L; else is_causal   |
-        |       |                                  |                           | (start = 0, T > 1), none (T = 1:    |
-        |       |                                  |                           | one query sees every key) or window |
-        |       |                                  |                           | mask (start > 0, T > 1)             |
+        | cache | positions             | keys L                                  | mask, unless one is given           |
+        |-------|-----------------------|-----------------------------------------|-------------------------------------|
+        | no    | per-row tensor [B, T] | T                                       | window mask of the positions        |
+        | no    | contiguous            | T                                       | window mask if the sliding window   |
+        |       |                       |                                         | is shorter than T, else is_causal   |
+        |       |                       |                                         | (T > 1) or none (T = 1)             |
+        | yes   | per-row tensor [B, T] | cache_len, else the given mask's last   | window mask of the positions        |
+        |       |                       | size, else max(pos) + 1                 |                                     |
+        | yes   | contiguous from start | start + T                               | window mask if the sliding window   |
+        |       |                       |                                         | is shorter than L; else is_causal   |
+        |       |                       |                                         | (start = 0, T > 1), none (T = 1:    |
+        |       |                       |                                         | one query sees every key) or window |
+        |       |                       |                                         | mask (start > 0, T > 1)             |
 
-        "Window mask" (`_window_mask`) lets a query at position p see keys j with p - window < j <= p (just j <= p
-        without a sliding window). Without a cache the keys are the T new tokens taken to sit at 0..T-1, so packed
-        documents (positions restarting per document) bring their own mask. A given `mask` is used as it is. `is_causal` and "none" are the cheap forms
+        With a cache, rows are its slots 0..B-1 (read as a view) or the given `slots` (gathered); the cache grows
+        to L positions first (KVCache.reserve). "Window mask" (`window_mask`) lets a query at position p see keys
+        j with p - window < j <= p (just j <= p without a sliding window). Without a cache the keys are the T new
+        tokens taken to sit at 0..T-1, so packed documents (positions restarting per document) bring their own
+        mask. A given `mask` is used as it is. `is_causal` and "none" are the cheap forms
         scaled_dot_product_attention takes without materialising a mask.
         """
         window = self.cfg.sliding_window
         if cache is None:
             if mask is None:
                 if per_row or (window and T > window):
-                    mask = self._window_mask(positions, T)
+                    mask = self.window_mask(positions, T)
             return _Context(None, slots, start, None, mask, mask is None and T > 1, T)
-        if per_row or slots is not None:  # row-addressed: per-row positions (int start broadcast to every row)
-            pos = positions if per_row else positions[None].expand(B, T)
-            length = cache_len if cache_len is not None else int(pos.max()) + 1
-            self._check_fits(length, cache)
-            return _Context(cache, slots, start, pos, mask if mask is not None else self._window_mask(pos, length),
-                            False, length)
+        if per_row:
+            if cache_len is not None:
+                length = cache_len
+            else:  # a compiled decode step passes its mask, whose last size is symbolic: no host sync, no guard
+                length = mask.shape[-1] if mask is not None else int(positions.max()) + 1
+            cache.reserve(length)
+            return _Context(cache, slots, start, positions,
+                            mask if mask is not None else self.window_mask(positions, length), False, length,
+                            write_mask)
         length = start + T
-        self._check_fits(length, cache)
+        cache.reserve(length)
         cut = bool(window and length > window)  # some key falls outside a query's window
         if mask is None and (T > 1 or cut):
             if start == 0 and not cut:
-                return _Context(cache, None, start, None, None, True, length)
-            mask = self._window_mask(positions, length)
-        return _Context(cache, None, start, None, mask, False, length)
-
-    @staticmethod
-    def _check_fits(length: int, cache: KVCache) -> None:
-        if length > cache.max_len:
-            raise ValueError(f"sequence of {length} positions exceeds the KV cache ({cache.max_len})")
+                return _Context(cache, slots, start, None, None, True, length)
+            mask = self.window_mask(positions, length)
+        return _Context(cache, slots, start, None, mask, False, length)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | int | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None, return_hidden: bool = False,
-                cache_len: int | None = None) -> torch.Tensor:
+                cache_len: int | None = None, write_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for token ids idx [B, T].
 
         input_pos: None (0..T-1), an int start (rows share positions start..start+T-1), or a [B, T] tensor
@@ -365,7 +474,9 @@ class Transformer(nn.Module):
         mask: explicit bool attention mask [B, 1, T, L] (True = attend), e.g. for packed documents.
         logits_index: [B] position within T per row: return logits [B, 1, V] for that token only.
         cache_len: with per-row positions, max(input_pos) + 1 if the caller knows it (saves a host sync, and
-            a graph break under torch.compile); computed from input_pos otherwise.
+            a graph break under torch.compile); else the mask's last size, else computed from input_pos.
+        write_mask: with per-row positions, bool [B]: rows whose keys/values are written; the others leave the
+            cache as it was (padding rows of a fixed-size decode batch; their logits mean nothing).
         """
         B, T = idx.shape
         per_row = isinstance(input_pos, torch.Tensor)
@@ -374,7 +485,7 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(idx)
         cos, sin = self._rope(positions, x.dtype)
-        ctx = self._attention_plan(B, T, positions, per_row, start, cache, slots, mask, cache_len)
+        ctx = self._attention_plan(T, positions, per_row, start, cache, slots, mask, cache_len, write_mask)
         for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)

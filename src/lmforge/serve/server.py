@@ -38,8 +38,10 @@ class ServeConfig:
     max_queue: int = opt(64, "requests that may wait for a slot before the server answers 429")
     max_len: int | None = opt(None, "context length served (default: the model's max_seq_len)")
     dtype: str = opt("float32", "weights and activations dtype", choices=["float32", "bfloat16", "float16"])
-    quantize: str | None = opt(None, "weight-only quantization", choices=["int8"])
-    compile: bool = opt(False, "torch.compile the decode step (slow to start, faster per token)")
+    quantize: str | None = opt(None, "weight-only quantization of every projection and the output head",
+                               choices=["int8", "int4"])
+    compile: bool = opt(True, "compile the decode step before serving (a model's first compile takes minutes, "
+                              "cached after; --no-compile serves at once, slower)")
     max_body_mb: float = opt(2.0, "largest request body accepted, in MB (larger: 413)")
     prompt_timeout: float = opt(10.0, "seconds a request's chat template and tokenization may take (longer: 400)")
     allowed_hosts: list[str] = opt(help="a host name the server answers to besides IP addresses and localhost "
@@ -48,7 +50,10 @@ class ServeConfig:
     cors_origin: list[str] = opt(help="a web origin (https://app.example) whose pages may call the API "
                                       "(repeatable; '*' = any). Other sites' browser requests are refused: 403",
                                  default_factory=list)
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    threads: int = opt(0, "CPU threads for decode (0 = chosen for this machine)")
+    prefill_threads: int = opt(0, "CPU threads for prompts (0 = chosen for this machine)")
+    kv_cache_memory: str | None = opt(None, "KV cache budget per model, e.g. 2GB or 30% (of free memory); default: "
+                                            "the context for every slot, up to 25% of free memory")
     rag: list[str] = opt(help="ground a served model's chat answers in a RAG index, as NAME=INDEX_DIR (repeatable); "
                               "answers then carry a `sources` field", default_factory=list)
     rag_top_k: int = opt(4, "chunks retrieved per question (with --rag)")
@@ -129,17 +134,15 @@ def rag_factories(specs: list[str], served: list[str], top_k: int) -> dict:
 def run(cfg: ServeConfig) -> int:
     import uvicorn
 
+    from lmforge.inference.engine import engine_kwargs
     from lmforge.serve.app import create_app
     from lmforge.serve.guard import machine_names
     from lmforge.serve.state import EngineOptions
 
     specs = parse_specs(cfg.model, cfg.adapter)
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    engine = EngineOptions(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len, compile=cfg.compile)
+    engine = EngineOptions(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len, compile=cfg.compile,
+                           **engine_kwargs(cfg.threads, cfg.prefill_threads, cfg.kv_cache_memory))
     jobs = None
     if cfg.jobs_dir:
         from lmforge.jobs.spec import RunOptions

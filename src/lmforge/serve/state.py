@@ -10,6 +10,7 @@ runs (`add_model`). The app keeps one ServerState in `app.state.lmforge`; handle
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,13 +34,19 @@ class EngineOptions:
     max_queue: int = 64  # requests that may wait for a slot before a 429
     max_len: int | None = None  # context served (None: the model's max_seq_len)
     prefill_chunk: int = 512  # prompt tokens prefilled per scheduler step
-    compile: bool = False  # torch.compile the decode step (compiled before /health says ready)
+    compile: bool = False  # compile the decode step (compiled before /health says ready)
+    threads: int | None = None  # CPU threads for decode (None: torch's setting)
+    prefill_threads: int | None = None  # CPU threads for prefill (None: as for decode)
+    kv_memory: int | None = None  # KV cache budget in bytes (None: the context, up to a share of free memory)
 
     def engine(self, lm: LoadedModel) -> Engine:
         engine = Engine(lm.model, eos_ids=lm.eos_ids, max_batch=self.max_batch, max_queue=self.max_queue,
-                        max_len=self.max_len, prefill_chunk=self.prefill_chunk, compile=self.compile)
-        if self.compile:
-            engine.warmup()  # compile now, not on the first user's request
+                        max_len=self.max_len, prefill_chunk=self.prefill_chunk, compile=self.compile,
+                        threads=self.threads, prefill_threads=self.prefill_threads, kv_memory=self.kv_memory)
+        print(f"{lm.name}: {engine.cache_summary()}", file=sys.stderr)
+        if engine.compiled is not None:
+            # compile now, not on the first user's request
+            print(f"{lm.name}: compiled the decode step in {engine.warmup():.1f} s", file=sys.stderr)
         return engine
 
 

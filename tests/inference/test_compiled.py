@@ -1,0 +1,53 @@
+"""The compiled decode step (inference/decode.py) against eager decoding: the same greedy ids, alone and in a
+batch, across a cache growth, with a kept prefix; its graphs come back from the on-disk compile cache.
+
+Few and small on purpose: each bucket's graph takes seconds to load and ~20 s to compile cold on 2 cores."""
+
+import pytest
+import torch
+
+from lmforge.inference.decode import batch_buckets, can_compile
+from lmforge.inference.engine import Engine
+from lmforge.inference.sampling import SamplingParams
+from lmforge.model.config import preset
+from lmforge.model.transformer import Transformer
+
+pytestmark = pytest.mark.skipif(can_compile(torch.device("cpu")) is not None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(preset("test").replace(max_seq_len=512))
+    m.init_weights(0)
+    with torch.no_grad():  # larger logits than the default init, so greedy picks are far from ties
+        m.lm_head.weight.mul_(4.0)
+    return m.eval()
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6]
+
+
+def test_compiled_greedy_ids_equal_eager_fp32(model):
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(0, 2048, (int(n),), generator=g).tolist() for n in (5, 30, 12)]
+    long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)  # 256 -> 512 positions: one growth
+    short = long.replace(max_tokens=20)
+    eager = Engine(model, max_batch=2)
+    want_long = eager.generate(ps[:1], long)[0]
+    want = [Engine(model, max_batch=1).generate([p], short)[0] for p in ps]
+
+    eng = Engine(model, max_batch=2, compile=True)
+    assert eng.compiled is not None and eng.cache.capacity == 256
+    eng.warmup()
+    assert eng.generate(ps[:1], long)[0] == want_long and eng.cache.capacity == 512
+    # three requests on two slots: batches of 2 and of 1 (padded), slots reused, prefixes kept and reused
+    assert eng.generate(ps, short) == want
+    assert eng.generate([ps[1] + want[1]], short)[0] == Engine(model, max_batch=1).generate([ps[1] + want[1]],
+                                                                                          short)[0]
+    assert eng.stats.prompt_tokens_reused > 0
+    assert (eng.compiled.cache_dir / "key.json").is_file()
+    # a second engine over the same model reuses the compiled graphs (eval builds one per run)
+    again = Engine(model, max_batch=2, compile=True)
+    assert again.compiled is eng.compiled and again.warmup() < 5
