@@ -485,8 +485,10 @@ class Engine:
             if occupant is not None:
                 continue
             held = self._slot_tokens[slot]
-            # a prompt to score (prompt_logprobs) is prefilled from its first token
-            match = _common_prefix(held, g.prompt_ids) if self.prefix_reuse and g.prompt_logprobs is None else 0
+            # a prompt to score (prompt_logprobs) is prefilled from its first token; so is a request asking for
+            # logprobs, whose first token's then come out as alone, to the bit (kept keys differ by rounding)
+            reuse = self.prefix_reuse and g.prompt_logprobs is None and not g.params.logprobs
+            match = _common_prefix(held, g.prompt_ids) if reuse else 0
             match = min(match, len(g.prompt_ids) - 1)  # the last prompt token is always run: it gives the logits
             key = (match, -(len(held) - match), -slot)
             if best_key is None or key > best_key:
