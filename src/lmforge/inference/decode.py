@@ -83,21 +83,23 @@ class CompiledDecode:
     (eval builds one per run), so their graphs are compiled once."""
 
     @classmethod
-    def for_model(cls, model, threads: int | None = None) -> CompiledDecode:
+    def for_model(cls, model, threads: int | None = None, dynamic_threads: bool = False) -> CompiledDecode:
         threads = threads or torch.get_num_threads()
         per_model = _SHARED.setdefault(model, {})
-        if threads not in per_model:
-            per_model[threads] = cls(model, threads)
-        return per_model[threads]
+        if (threads, dynamic_threads) not in per_model:
+            per_model[threads, dynamic_threads] = cls(model, threads, dynamic_threads)
+        return per_model[threads, dynamic_threads]
 
-    def __init__(self, model, threads: int, options: dict | None = None):
+    def __init__(self, model, threads: int, dynamic_threads: bool = False, options: dict | None = None):
         from lmforge.model.compile_cache import use_compile_cache
 
         self.model = model
         self.options = dict(INDUCTOR_OPTIONS if options is None else options)
-        # the generated kernels keep the thread count they were built with (OpenMP num_threads in the C++)
+        # the generated kernels keep the thread count they were built with (OpenMP num_threads in the C++), unless
+        # dynamic_threads: then they take the caller's team size at run time (the engine's "auto" threads)
         self.threads = threads
         self.options["cpp.threads"] = threads
+        self.options["cpp.dynamic_threads"] = dynamic_threads
         w = model.model.embed_tokens.weight
         self.device = w.device
         quant = describe_weights(model)
@@ -113,7 +115,13 @@ class CompiledDecode:
             return model(tokens, input_pos=pos, cache=kv, mask=mask, write_mask=write_mask)[:, -1]
 
         self._fn = torch.compile(step, fullgraph=True, dynamic=False, options=self.options)
-        self.warm: set[tuple[int, int]] = set()  # (slots, bucket) compiled so far
+        self.warm: set[tuple[int, int, int]] = set()  # (slots, bucket, threads) compiled so far
+
+    def is_warm(self, slots: int, bucket: int, threads: int | None = None) -> bool:
+        """Whether the graph for this slot count and bucket is compiled (at `threads`; default: at any count)."""
+        if threads is None:
+            return any(w[:2] == (slots, bucket) for w in list(self.warm))
+        return (slots, bucket, threads) in self.warm
 
     @torch.inference_mode()
     def __call__(self, cache, tokens: Sequence[int], positions: Sequence[int], live: Sequence[bool],
@@ -136,18 +144,24 @@ class CompiledDecode:
         logits = self._fn(tok, pos, mask, write, cache)
         return logits[:n] if pad else logits
 
-    def warmup(self, slots: int, buckets: Sequence[int], dtype: torch.dtype) -> float:
-        """Compile (or load from the compile cache) the graph of every bucket for a cache of `slots` slots; returns
+    def warmup(self, slots: int, buckets: Sequence[int], dtype: torch.dtype,
+               thread_counts: Sequence[int] = ()) -> float:
+        """Compile (or load from the compile cache) the graph of every bucket for a cache of `slots` slots, at each
+        of `thread_counts` (Dynamo keys its graphs by torch's thread count too; default: the current one); returns
         the seconds it took. Runs on a scratch cache: a live one keeps what it holds."""
+        from lmforge.inference.threads import set_threads
         from lmforge.model.transformer import KVCache
 
         t = time.perf_counter()
-        todo = [b for b in buckets if (slots, b) not in self.warm]
+        before = torch.get_num_threads()
+        todo = [(b, n) for n in (thread_counts or [before]) for b in buckets if (slots, b, n) not in self.warm]
         if todo:
             scratch = KVCache(self.model.cfg, slots, 16, device=self.device, dtype=dtype)
-            for b in todo:
+            for b, n in todo:
+                set_threads(n)
                 self(scratch, [0] * b, [1] * b, [True] * b, buckets)
-                self.warm.add((slots, b))
+                self.warm.add((slots, b, n))
+            set_threads(before)
         dt = time.perf_counter() - t
         if todo:
             log.info("compiled decode for batch sizes %s in %.1f s (compile cache %s)", todo, dt, self.cache_dir)

@@ -4,20 +4,36 @@ Owns: the model in eval mode, one KVCache with `max_batch` slots, a waiting queu
 Leaves to others: text, chat templates and stop strings (generate.py), HTTP (serve/), loading (load.py).
 
 One scheduler iteration (`step`), after vLLM / TGI's continuous batching and gpt-fast's decode loop:
-  1. finalise cancelled requests and free their slots; admit waiting requests into free slots, lowest first;
+  1. finalise cancelled requests and free their slots; admit waiting requests into free slots (see prefix
+     reuse below);
   2. prefill: up to `prefill_chunk` prompt tokens of admitted requests (chunked prefill, so a long prompt
      never stalls the streams already running for more than one chunk); a finished prompt samples its first token;
   3. decode: one batched forward over every decoding request, one token each; finished sequences free their
      slot at once, so a waiting request takes it on the next iteration.
 
-Speed decisions (CPU first; measured in benchmarks/bench_decode.py):
-  - slots are taken lowest-first and the decode batch is rows 0..n-1 of the cache, read as a view (no gather);
-    a free or still-prefilling row in that range computes a dummy token at its own next position, which its
-    owner overwrites before ever reading it;
-  - the single-stream fast path (only slot 0 decoding) calls the model with an int position: no mask, no
-    index tensors;
+Speed decisions (CPU first; measured in benchmarks/bench_decode.py, figures in docs/serve.md):
+  - the decode batch is rows 0..n-1 of the cache, read as a view (no gather); a free or still-prefilling row in
+    that range is a padding row that writes nothing (`write_mask`), so a free slot keeps what it holds;
+  - compile=True: decode steps run the compiled whole-model graph of inference/decode.py (weights frozen in,
+    C++ GEMM templates, one graph per batch-size bucket; prefill stays eager). `warmup()` compiles, or loads from
+    the on-disk compile cache;
+  - threads (llama.cpp's -t / -tb for decode / prefill): a number, or "auto": the faster of one thread and all
+    cores, measured step by step (inference/threads.py): on a busy 2-core machine two OpenMP threads were several
+    times slower than one, on an idle one faster;
   - one host sync per step: `.tolist()` of the sampled ids; positions and lengths are kept host-side;
-  - torch.inference_mode for the whole loop; optional torch.compile of the decode forward (`compile=True`).
+  - torch.inference_mode for the whole loop.
+
+KV cache sized by memory: `kv_memory` bytes (default: what max_batch sequences of the context need, but no more
+than KV_FREE_FRACTION of the memory free at start) decide the positions per slot, `max_len`. A context asked
+for explicitly that the budget cannot buy is an error that says what fits; by default the context is cut to
+what fits, and `cache_summary()` says so. The cache starts at INITIAL_CAPACITY positions per slot and doubles as
+sequences grow (KVCache.reserve), so memory follows use.
+
+Prefix reuse: a free slot keeps the keys and values of its last occupant (the tokens it fed: prompt and output).
+A new request takes the free slot holding the longest prefix of its prompt (on a tie, the one holding the least
+beyond it) and prefills from there: the system prompt and the earlier turns of a chat, or a shared RAG context,
+are not computed again. The last prompt token always runs (it gives the first token's logits). Requests asking
+for prompt_logprobs or logprobs prefill everything (their numbers stay bitwise those of a request alone).
 
 Constrained rows (SamplingParams.grammar, constrain.py): each gets its grammar's mask before sampling (one
 llguidance call fills every constrained row) and is advanced with its token after; it ends when the grammar
@@ -46,7 +62,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import os
 import queue
 import random
 import threading
@@ -60,6 +75,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.inference.constrain import Constraint, allowed_tokens
 from lmforge.inference.sampling import PenaltyState, SamplingParams, logprobs_of, sample
+from lmforge.inference.threads import ThreadChooser, cpu_cores, set_threads
 from lmforge.model import accounting, memory
 
 log = logging.getLogger("lmforge.engine")
@@ -71,21 +87,11 @@ INITIAL_CAPACITY = 256  # positions per slot allocated at start; the cache doubl
 KV_FREE_FRACTION = 0.25
 
 
-def default_threads() -> tuple[int, int]:
-    """(decode, prefill) CPU threads when the user gives none. See the module docstring for the measurements."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return cores, cores
-
-
 def engine_kwargs(threads: int = 0, prefill_threads: int = 0, kv_cache_memory: str | None = None,
                   model=None) -> dict:
     """Engine keyword arguments from the verbs' flags (--threads, --prefill-threads, --kv-cache-memory): 0 threads
-    means this machine's default (default_threads); a size as memory.parse_bytes reads it."""
-    decode, prefill = default_threads()
-    kw: dict = {"threads": threads or decode, "prefill_threads": prefill_threads or prefill}
+    means "auto" (measured step by step, inference/threads.py); a size as memory.parse_bytes reads it."""
+    kw: dict = {"threads": threads or "auto", "prefill_threads": prefill_threads or "auto"}
     if kv_cache_memory:
         device = next(model.parameters()).device if model is not None else None
         try:
@@ -93,6 +99,16 @@ def engine_kwargs(threads: int = 0, prefill_threads: int = 0, kv_cache_memory: s
         except ValueError as e:
             raise LmforgeError(f"--kv-cache-memory {e}") from None
     return kw
+
+
+def _chooser(threads: int | str | None) -> ThreadChooser:
+    if threads == "auto":
+        return ThreadChooser([1, cpu_cores()])
+    if threads is None:
+        return ThreadChooser([torch.get_num_threads()])
+    if not isinstance(threads, int) or threads < 1:
+        raise LmforgeError(f"threads must be a positive number or 'auto', got {threads!r}")
+    return ThreadChooser([threads])
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -241,8 +257,8 @@ class Engine:
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, eos_ids: Sequence[int] = (),
                  prefill_chunk: int = 512, max_queue: int = 256, seed: int = 0, compile: bool = False,
-                 kv_memory: int | None = None, prefix_reuse: bool = True, threads: int | None = None,
-                 prefill_threads: int | None = None):
+                 kv_memory: int | None = None, prefix_reuse: bool = True, threads: int | str | None = None,
+                 prefill_threads: int | str | None = None):
         if max_batch < 1:
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -272,9 +288,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._forward = model.forward
-        # CPU threads for decode and for prefill (llama.cpp's -t / -tb); None leaves torch's setting alone
+        # CPU threads for decode and for prefill (llama.cpp's -t / -tb): a number, "auto" (the faster of 1 and all
+        # cores, measured as the engine runs: inference/threads.py), or None (torch's setting as it is)
         self.threads, self.prefill_threads = threads, prefill_threads
+        self._decode_threads = _chooser(threads)
+        self._prefill_threads = _chooser(prefill_threads if prefill_threads is not None else threads)
         self.compiled = None
+        self._warming: threading.Thread | None = None  # compiling the larger batch sizes (warmup(background=True))
         if compile:
             from lmforge.inference.decode import CompiledDecode, batch_buckets, can_compile
 
@@ -282,7 +302,8 @@ class Engine:
             if why_not:
                 log.warning("%s: decoding eagerly", why_not)
             else:
-                self.compiled = CompiledDecode.for_model(model, self.threads)
+                self.compiled = CompiledDecode.for_model(model, max(self._decode_threads.candidates),
+                                                         dynamic_threads=not self._decode_threads.fixed)
                 self._buckets = batch_buckets(max_batch)
 
     def _size_cache(self, requested: int, explicit: bool, kv_memory: int | None) -> tuple[int, str, int]:
@@ -378,17 +399,29 @@ class Engine:
                 self.step()
         return [g.result() for g in gens]
 
-    def warmup(self) -> float:
-        """Compile (or load from the compile cache) the decode graphs of every batch size when compile=True, then
-        run the prefill and decode paths once; returns the seconds it took. Leaves the slots empty."""
+    def warmup(self, background: bool = False) -> float:
+        """Compile (or load from the compile cache) the decode graphs when compile=True, then run the prefill and
+        decode paths once; returns the seconds it took. Leaves the slots empty.
+
+        background: compile only the single-stream graph now and the larger batch sizes in a daemon thread (a
+        server is ready sooner); until a batch size's graph is ready, its steps decode eagerly."""
         t = time.perf_counter()
         if self.compiled is not None:
-            self.compiled.warmup(self.max_batch, self._buckets, self.cache.dtype)
+            counts = self._decode_threads.candidates
+            now = self._buckets[:1] if background else self._buckets
+            self.compiled.warmup(self.max_batch, now, self.cache.dtype, counts)
+            if background and len(self._buckets) > 1:
+                rest = self._buckets[1:]
+                self._warming = threading.Thread(target=self.compiled.warmup, name="lmforge-compile", daemon=True,
+                                                 args=(self.max_batch, rest, self.cache.dtype, counts))
+                self._warming.start()
         sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         self.generate([[0, 1]], sp)
         if self.max_batch > 1:
             self.generate([[0, 1], [2, 3, 4]], sp)
         self._slot_tokens = [[] for _ in range(self.max_batch)]
+        self._decode_threads.reset()  # the warm-up's steps paid first-call costs: measure afresh
+        self._prefill_threads.reset()
         return time.perf_counter() - t
 
     @property
@@ -472,11 +505,6 @@ class Engine:
         worked = self._decode() or worked
         return worked
 
-    def _use_threads(self, n: int | None) -> None:
-        # per calling thread in OpenMP, so set from the thread that runs the model (the loop, or a step() caller)
-        if n and torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-
     def _choose_slot(self, g: Generation) -> tuple[int, int]:
         """(free slot, prompt tokens whose keys/values it already holds). The slot holding the longest prefix of
         the prompt wins; on a tie, the one holding the least beyond it (what is evicted is worth the least)."""
@@ -499,14 +527,17 @@ class Engine:
     def _prefill(self) -> bool:
         budget = self.prefill_chunk
         todo = sorted((g for g in self._slots if g is not None and g._state == _PREFILL), key=lambda g: g.id)
-        if todo:
-            self._use_threads(self.prefill_threads or self.threads)
         for g in todo:
             if budget <= 0:
                 break
             t0 = time.perf_counter()
+            key = min(budget, len(g.prompt_ids) - g._pos).bit_length()  # chunk-size class
+            threads = self._prefill_threads.pick(key)
+            set_threads(threads)
             try:  # a request's prefill is its own: its failure ends it alone
-                budget -= self._prefill_one(g, budget)
+                took = self._prefill_one(g, budget)
+                budget -= took
+                self._prefill_threads.record(key, threads, time.perf_counter() - t0, took)
             except Exception as e:
                 self._fail(g, e)
             self.stats.prefill_seconds += time.perf_counter() - t0
@@ -581,8 +612,21 @@ class Engine:
     def _decode_logits(self, rows: list[Generation]) -> torch.Tensor:
         """One batched decode forward: the next-token logits [R, V] of the decoding rows."""
         n = max(g._slot for g in rows) + 1
-        self._use_threads(self.threads)
-        if self.compiled is not None:
+        compiled = self.compiled is not None and self.compiled.is_warm(self.max_batch, self._bucket(n))
+        key = (1 << (n - 1).bit_length(), compiled)  # batch-size class, graph or eager
+        threads = self._decode_threads.pick(key)
+        set_threads(threads)
+        compiled = compiled and self.compiled.is_warm(self.max_batch, self._bucket(n), threads)
+        t0 = time.perf_counter()
+        logits = self._decode_forward(rows, n, compiled)
+        self._decode_threads.record(key, threads, time.perf_counter() - t0)
+        return logits
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self._buckets if b >= n)
+
+    def _decode_forward(self, rows: list[Generation], n: int, compiled: bool) -> torch.Tensor:
+        if compiled:
             toks, pos, live = [0] * n, [0] * n, [False] * n  # free or prefilling rows below n write nothing
             for g in rows:
                 toks[g._slot], pos[g._slot], live[g._slot] = g._last, g._pos, True

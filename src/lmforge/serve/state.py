@@ -35,8 +35,8 @@ class EngineOptions:
     max_len: int | None = None  # context served (None: the model's max_seq_len)
     prefill_chunk: int = 512  # prompt tokens prefilled per scheduler step
     compile: bool = False  # compile the decode step (compiled before /health says ready)
-    threads: int | None = None  # CPU threads for decode (None: torch's setting)
-    prefill_threads: int | None = None  # CPU threads for prefill (None: as for decode)
+    threads: int | str | None = None  # CPU threads for decode: a number, "auto" (measured), None (torch's setting)
+    prefill_threads: int | str | None = None  # CPU threads for prefill (None: as for decode)
     kv_memory: int | None = None  # KV cache budget in bytes (None: the context, up to a share of free memory)
 
     def engine(self, lm: LoadedModel) -> Engine:
@@ -45,8 +45,9 @@ class EngineOptions:
                         threads=self.threads, prefill_threads=self.prefill_threads, kv_memory=self.kv_memory)
         print(f"{lm.name}: {engine.cache_summary()}", file=sys.stderr)
         if engine.compiled is not None:
-            # compile now, not on the first user's request
-            print(f"{lm.name}: compiled the decode step in {engine.warmup():.1f} s", file=sys.stderr)
+            # compile now, not on the first user's request: one stream before ready, larger batches in the background
+            print(f"{lm.name}: compiled the decode step in {engine.warmup(background=True):.1f} s (larger batch "
+                  f"sizes compile in the background)", file=sys.stderr)
         return engine
 
 
