@@ -166,14 +166,19 @@ def work_llamacpp(spec: dict) -> dict:
                           n_threads_batch=spec["threads"], verbose=False)
     start_s = time.perf_counter() - t
 
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # without logits_all, llama.cpp computes the last position's logits only
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
     def decode(n: int) -> tuple[float, list[int]]:
         llm.reset()
         llm.eval(spec["prompt"])
-        toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        toks = [int(np.argmax(last_logits()))]
         t0 = time.perf_counter()
         while len(toks) < n:
             llm.eval([toks[-1]])
-            toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            toks.append(int(np.argmax(last_logits())))
         return (n - 1) / (time.perf_counter() - t0), toks
 
     def prefill(ids: list[int]) -> float:

@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--quantize", default=None, choices=[None, "int8"])
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quantize", default=None, choices=[None, "int8", "int4"])
+    ap.add_argument("--threads", type=int, default=0, help="0: the server's default (auto)")
+    ap.add_argument("--no-compile", action="store_true", help="serve with --no-compile")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -118,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--quantize", args.quantize]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.no_compile:
+            cmd += ["--no-compile"]
+        t_start = time.time()
         server = subprocess.Popen(cmd)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 120
+            deadline = time.time() + 1800  # a cold compile of the decode step takes minutes
             while True:
                 try:
                     if httpx.get(base + "/health").status_code == 200:
@@ -131,18 +135,27 @@ def main(argv: list[str] | None = None) -> int:
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not become ready")
                 time.sleep(0.2)
+            print(f"ready after {time.time() - t_start:.1f} s", file=sys.stderr)
+            time.sleep(float(os.environ.get("BENCH_SERVE_SETTLE", "0")))  # let background compiles finish
             body = {"model": "m", "prompt": "def parse_args(argv):\n    \"\"\"Parse the command line.\"\"\"\n",
                     "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
             url = base + "/v1/completions"
             asyncio.run(level(url, 1, 3.0, body))  # warm-up
             rows = []
+            print(f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
             for c in [int(x) for x in args.concurrency.split(",")]:
                 r = asyncio.run(level(url, c, args.seconds, body))
                 rows.append(r)
                 print(f"{args.preset} {args.quantize or 'fp32'} concurrency {c:3d}: {r['total_tokens_per_s']:7.1f} "
                       f"tokens/s total, {r['requests']:4d} requests, TTFT {r['mean_ttft_ms']:7.1f} ms, "
                       f"{r['mean_stream_tokens_per_s']:6.1f} tokens/s per stream")
+            one = next((r for r in rows if r["concurrency"] == 1), None)
+            for r in rows:
+                if one is not None and r is not one:
+                    print(f"concurrency {r['concurrency']}: {r['total_tokens_per_s'] / one['total_tokens_per_s']:.2f}x "
+                          f"the tokens/s of one stream")
+            print(f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
             metrics = httpx.get(base + "/metrics").text
             print("\n".join(line for line in metrics.splitlines()
                             if line.startswith(("lmforge_generation_tokens_total", "lmforge_requests_total",

@@ -1,11 +1,16 @@
-"""What weight-only int8 costs in quality: perplexity of the same model in fp32, bf16 and int8 on the same text.
+"""What weight-only int8 and int4 cost in quality: perplexity of the same model in fp32, bf16, int8 and int4
+(at several group sizes) on the same text.
 
+    python benchmarks/eval_quantize.py --model smollm2-135m-instruct      # the real SmolLM2-135M-Instruct
     python benchmarks/eval_quantize.py --model runs/pretrain/final --text held_out.txt
     python benchmarks/eval_quantize.py --train-tiny          # pretrains a tiny model here first (a few minutes)
 
-Perplexity is exp(mean NLL) over sliding windows (lmforge.eval.perplexity.sliding_nll, window = the model's
-context, stride half of it). int8 is lmforge.model.quantize (per-output-channel symmetric, bf16 activations in
-the decode kernel). The change is reported against fp32, as a percentage of perplexity.
+Perplexity is exp(mean NLL) over sliding windows (lmforge.eval.perplexity.sliding_nll, window = --window or the
+model's context, stride half of it). int8 and int4 are lmforge.model.quantize (int8: per-output-channel
+symmetric; int4: groups of g input columns, min/max each), loaded as `lmforge generate --quantize` loads them
+(fused projections, the head quantized too). A window scores many rows per matmul, which takes the dequantize +
+bf16 GEMM path; the "-decode-kernel" rows push every row through the kernels decode uses (bf16 activations).
+The change is reported against fp32, as a percentage of perplexity.
 A random-weight model says nothing here (its perplexity is ~vocab size whatever the rounding): use a trained one.
 """
 
@@ -48,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seconds", type=float, default=240.0)
     ap.add_argument("--text", help="text file to score (default: the stdlib email package)")
     ap.add_argument("--max-tokens", type=int, default=40_000, help="score at most this many tokens")
+    ap.add_argument("--window", type=int, default=0, help="scoring window (0: the model's context, up to 2048)")
+    ap.add_argument("--int4-groups", default="32,64,128", help="int4 group sizes to score")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -68,15 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         ref = None
         from lmforge.model import quantize as q
 
-        variants = (("fp32", "float32", None, None), ("bf16", "bfloat16", None, None),
-                    ("int8", "float32", "int8", None),  # many rows per call: dequantize + bf16 GEMM (prefill path)
-                    ("int8-decode-kernel", "float32", "int8", 10**9))  # every row through the fused decode kernel
-        default_rows = q._FUSED_MAX_ROWS
-        for name, dtype, quant, fused_rows in variants:
+        torch.set_num_threads(args.threads)
+        variants = [("fp32", "float32", None, None, 0), ("bf16", "bfloat16", None, None, 0),
+                    ("int8", "float32", "int8", None, 0),  # many rows per call: dequantize + bf16 GEMM (prefill path)
+                    ("int8-decode-kernel", "float32", "int8", 10**9, 0)]  # every row through the decode kernel
+        for g in [int(x) for x in args.int4_groups.split(",") if x]:
+            variants += [(f"int4-g{g}", "float32", "int4", None, g),
+                         (f"int4-g{g}-decode-kernel", "float32", "int4", 10**9, g)]
+        default_rows, default_group = q._FUSED_MAX_ROWS, q.INT4_GROUP_SIZE
+        for name, dtype, quant, fused_rows, group in variants:
             q._FUSED_MAX_ROWS = fused_rows or default_rows
+            q.INT4_GROUP_SIZE = group or default_group
             lm = load(path, dtype=dtype, quantize=quant)
             ids = lm.tokenizer.encode(text)[: args.max_tokens]
-            window = lm.model.cfg.max_seq_len
+            window = args.window or min(lm.model.cfg.max_seq_len, 2048)
             t = time.perf_counter()
             with torch.inference_mode():
                 nll, n = sliding_nll(lm.model, ids, window=window, stride=window // 2)

@@ -210,14 +210,15 @@ def quantize_int4(model: nn.Module, group_size: int = INT4_GROUP_SIZE,
     return model
 
 
-def quantize(model: nn.Module, method: str | None, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
-    """Apply a named method: None/'none' (no change), 'int8' or 'int4'."""
+def quantize(model: nn.Module, method: str | None, group_size: int | None = None) -> nn.Module:
+    """Apply a named method: None/'none' (no change), 'int8' or 'int4' (groups of group_size, default
+    INT4_GROUP_SIZE)."""
     if method in (None, "", "none"):
         return model
     if method == "int8":
         return quantize_int8(model)
     if method == "int4":
-        return quantize_int4(model, group_size)
+        return quantize_int4(model, group_size or INT4_GROUP_SIZE)
     raise LmforgeError(f"unknown quantization {method!r}; choose int8, int4 or none")
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers (what decode reads per token, the KV cache aside)."""
