@@ -1,12 +1,16 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of each supported family, made by transformers itself.
 
-Every test runs offline (HF_HUB_OFFLINE=1) and on few threads, so the suite fits two CPU cores.
+Every test runs offline (HF_HUB_OFFLINE=1), on few threads and without compiling (LMFORGE_COMPILE=0), so the
+suite fits two CPU cores.
 """
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no verb or server compiles its decode step here (a cold compile costs seconds to minutes on 2 cores), servers
+# started as processes included; tests about compiling turn it back on (tests/inference/test_compiled.py)
+os.environ.setdefault("LMFORGE_COMPILE", "0")
 
 import pytest  # noqa: E402
 

@@ -15,6 +15,11 @@ from lmforge.model.transformer import Transformer
 pytestmark = pytest.mark.skipif(can_compile(torch.device("cpu")) is not None, reason="no C++ compiler")
 
 
+@pytest.fixture(autouse=True)
+def compiling_on(monkeypatch):
+    monkeypatch.setenv("LMFORGE_COMPILE", "1")  # the suite's conftest turns compiling off everywhere else
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -23,6 +28,12 @@ def model():
     with torch.no_grad():  # larger logits than the default init, so greedy picks are far from ties
         m.lm_head.weight.mul_(4.0)
     return m.eval()
+
+
+def test_lmforge_compile_0_turns_compiling_off(model, monkeypatch):
+    """What keeps the rest of the suite (servers and verbs that compile by default) from paying cold compiles."""
+    monkeypatch.setenv("LMFORGE_COMPILE", "0")
+    assert Engine(model, max_batch=1, compile=True).compiled is None
 
 
 def test_buckets():

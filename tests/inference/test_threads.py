@@ -37,3 +37,32 @@ def test_a_fixed_count_never_probes():
     assert c.fixed and all(c.pick(k) == 3 for k in range(5))
     c.record(0, 3, 1.0)
     assert not c.samples
+
+
+def test_the_verbs_default_is_auto_and_an_auto_engine_gives_the_fixed_engines_ids():
+    import pytest
+    import torch
+
+    from lmforge.errors import LmforgeError
+    from lmforge.inference.engine import Engine, engine_kwargs
+    from lmforge.inference.sampling import SamplingParams
+    from lmforge.model.config import preset
+    from lmforge.model.transformer import Transformer
+    from lmforge.serve.server import ServeConfig
+
+    assert ServeConfig().threads == 0 and engine_kwargs(0, 0) == {"threads": "auto", "prefill_threads": "auto"}
+    assert engine_kwargs(1, 2) == {"threads": 1, "prefill_threads": 2}
+    torch.manual_seed(0)
+    m = Transformer(preset("test"))
+    m.init_weights(0)
+    auto = Engine(m, max_batch=2, **engine_kwargs(0, 0))
+    assert auto._decode_threads.candidates == sorted({1, th.cpu_cores()})
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ps = [[1, 2, 3, 4], [9, 8, 7]]
+    before = torch.get_num_threads()
+    assert auto.generate(ps, sp) == Engine(m, max_batch=2, threads=1, prefill_threads=1).generate(ps, sp)
+    if th.cpu_cores() > 1:  # both counts were measured while it ran
+        assert {n for (_, n) in auto._decode_threads.samples} == {1, th.cpu_cores()}
+    torch.set_num_threads(before)
+    with pytest.raises(LmforgeError, match="threads must be"):
+        Engine(m, threads=0)

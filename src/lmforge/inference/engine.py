@@ -16,7 +16,8 @@ Speed decisions (CPU first; measured in benchmarks/bench_decode.py, figures in d
     that range is a padding row that writes nothing (`write_mask`), so a free slot keeps what it holds;
   - compile=True: decode steps run the compiled whole-model graph of inference/decode.py (weights frozen in,
     C++ GEMM templates, one graph per batch-size bucket; prefill stays eager). `warmup()` compiles, or loads from
-    the on-disk compile cache;
+    the on-disk compile cache. LMFORGE_COMPILE=0 in the environment turns it off whatever the caller asked
+    (the verbs' --compile defaults included);
   - threads (llama.cpp's -t / -tb for decode / prefill): a number, or "auto": the faster of one thread and all
     cores, measured step by step (inference/threads.py): on a busy 2-core machine two OpenMP threads were several
     times slower than one, on an idle one faster;
@@ -62,6 +63,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import os
 import queue
 import random
 import threading
@@ -295,6 +297,10 @@ class Engine:
         self._prefill_threads = _chooser(prefill_threads if prefill_threads is not None else threads)
         self.compiled = None
         self._warming: threading.Thread | None = None  # compiling the larger batch sizes (warmup(background=True))
+        if compile and os.environ.get("LMFORGE_COMPILE", "1") == "0":
+            # a machine-wide "never compile" (the test suite sets it: a cold compile costs seconds to minutes)
+            log.info("LMFORGE_COMPILE=0: decoding eagerly")
+            compile = False
         if compile:
             from lmforge.inference.decode import CompiledDecode, batch_buckets, can_compile
 

@@ -2,14 +2,16 @@
 
 Owns: `compile_cache_dir(**key)`: the directory for one compile key, under the root
 `$LMFORGE_COMPILE_CACHE` (default `$XDG_CACHE_HOME/lmforge/compile`, i.e. ~/.cache/lmforge/compile), as
-`<root>/torch-<version>/<readable key>-<hash>/`; and `use_compile_cache(**key)`, which points Inductor's on-disk
-caches there (TORCHINDUCTOR_CACHE_DIR: the FX graph cache, the AOTAutograd cache, autotuning results and the
-compiled C++ kernels) and returns the directory. Shared by inference (the compiled decode step) and training
+`<root>/torch-<version>/<readable key>-<hash>/`; and `use_compile_cache(**key)`, which turns Inductor's on-disk
+caches on and points them there (TORCHINDUCTOR_CACHE_DIR: the FX graph cache, the AOTAutograd cache, autotuning
+results and the compiled C++ kernels) and returns the directory. Called with no key, it uses one directory per
+torch version. A TORCHINDUCTOR_CACHE_DIR the user exported is respected (used as it is, never replaced). Shared by inference (the compiled decode step) and training
 (compiled blocks); each passes what changes its compiled code (model shape, dtype, quantization, batch sizes...).
 
 Why a directory per key when Inductor's caches are content-addressed anyway: so that a user can see what is
 cached for which model (each directory has a `key.json`) and delete one model's entries, and so that the torch
-version, which invalidates everything, is the first path component. Stdlib only.
+version, which invalidates everything, is the first path component. Stdlib only, but for torch inside
+use_compile_cache.
 """
 
 from __future__ import annotations
@@ -44,10 +46,40 @@ def compile_cache_dir(torch_version: str, **key: object) -> Path:
     return d
 
 
-def use_compile_cache(**key: object) -> Path:
-    """Point Inductor's caches at this key's directory (for this process, from now on); returns it."""
-    import torch
+_SET_BY_US: set[str] = set()  # TORCHINDUCTOR_CACHE_DIR values this module chose (any other one is the user's)
 
+
+def user_cache_dir() -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR when the user set it (not this module, not Inductor's own default); else None."""
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not d or d in _SET_BY_US:
+        return None
+    try:  # Inductor writes its default (a temp directory) back into the environment once it has used it
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if os.path.abspath(d) == os.path.abspath(default_cache_dir()):
+            return None
+    except ImportError:
+        pass
+    return d
+
+
+def use_compile_cache(**key: object) -> Path:
+    """Turn Inductor's on-disk caches on (FX graph cache, AOTAutograd cache) and point them at this key's directory
+    (for this process, from now on); returns the directory used. With no key: one directory for this torch version.
+    A TORCHINDUCTOR_CACHE_DIR the user set themselves wins: it is kept, and returned."""
+    import torch
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    user = user_cache_dir()
+    if user is not None:
+        d = Path(user)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
     d = compile_cache_dir(torch.__version__, **key)
+    _SET_BY_US.add(str(d))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
     return d
