@@ -15,7 +15,9 @@ from lmforge.model.lora import (
     lora_disabled,
     lora_settings,
     lora_state_dict,
+    lower_frozen_base,
     merge_lora,
+    restore_frozen_base,
     split_targets,
     trainable_parameters,
 )
@@ -81,6 +83,38 @@ def test_only_adapter_weights_train():
     s = lora_settings(model)
     assert s["targets"] == ["q_proj", "v_proj"] and s["rank"] == 2 and s["dropout"] == 0.1
     assert set(lora_state_dict(model)) == {k for k in after if ".lora_" in k}
+
+
+def test_frozen_base_in_bf16_computes_what_autocast_did_and_merges_at_full_precision():
+    model = _model(qkv_bias=True)
+    apply_lora(model, rank=4, alpha=8, seed=0)
+    _randomize_b(model)
+    fp32_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(IDS)
+        loss = before.float().logsumexp(-1).mean()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    assert lower_frozen_base(model, torch.bfloat16) == 2 * 7 + 2 * 3  # 14 weights and the q/k/v biases
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32  # the adapter still trains in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(IDS)
+        loss2 = after.float().logsumexp(-1).mean()
+    grads2 = torch.autograd.grad(loss2, [p for p in model.parameters() if p.requires_grad])
+    assert torch.equal(before, after)  # autocast rounded the fp32 weights to these very bf16 values
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    with torch.no_grad():  # outside autocast the lowered base still runs (in bf16)
+        assert (model(IDS) - before.float()).abs().max() < 0.1
+    assert restore_frozen_base(model, fp32_state) == 20
+    merge_lora(model)
+    with torch.no_grad():
+        merged = model(IDS)
+    reference = _model(qkv_bias=True)
+    apply_lora(reference, rank=4, alpha=8, seed=0)
+    _randomize_b(reference)
+    merge_lora(reference)
+    with torch.no_grad():
+        assert torch.equal(merged, reference(IDS))  # merged into the fp32 weights, not the bf16 copies
 
 
 def test_targets_as_the_command_line_gives_them():

@@ -65,9 +65,10 @@ def run(cfg: CPTConfig) -> int:
     from lmforge.data.shards import TokenLoader, TokenShards, validation_batches
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.training import precision
+    from lmforge.training.compile import eager, maybe_compile
     from lmforge.training.evaluate import evaluate
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
-    from lmforge.training.monitor import Throughput, measure_peak_flops
+    from lmforge.training.monitor import Throughput, peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr
@@ -88,15 +89,15 @@ def run(cfg: CPTConfig) -> int:
         return 0
     rt, run_dir, kind, resumed = opened
 
+    amp = precision.resolve_dtype(t.dtype, rt.device)
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     resumed=resumed if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None, frozen_dtype=amp)
     model, tok = base.model, base.tokenizer
     check_tokenizer(tok, Path(cfg.data))
     if t.seq_len > model.cfg.max_seq_len:
         raise LmforgeError(f"--seq-len {t.seq_len} is longer than the model's context ({model.cfg.max_seq_len})")
     runs.log(f"model: {base.path} ({'LoRA' if base.lora else 'full'}): {base.trainable:,} trainable of "
              f"{base.total:,} parameters; data: {len(train_data):,} train tokens in {cfg.data}")
-    amp = precision.resolve_dtype(t.dtype, rt.device)
 
     def autocast_ctx():
         return precision.autocast(rt.device, amp)
@@ -105,11 +106,13 @@ def run(cfg: CPTConfig) -> int:
     loader = TokenLoader(train_data, t.seq_len, t.batch_size, t.seed)
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
     budget = Budget.resolve(t, tokens_per_step=tokens_per_step)
+    maybe_compile(model, t.compile, rt.device, budget.horizon, t.max_time, runs.log)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
 
     def validate() -> dict:
-        return evaluate(model, validation_batches(val_data, t.seq_len, t.batch_size, t.eval_tokens), autocast_ctx,
-                        val_data.tokens_per_byte)
+        with eager():  # evaluation's shapes are not training's: no compiling for them
+            return evaluate(model, validation_batches(val_data, t.seq_len, t.batch_size, t.eval_tokens),
+                            autocast_ctx, val_data.tokens_per_byte)
 
     step, tokens, seconds = 0, 0, 0.0
     if resumed is not None:
@@ -127,7 +130,7 @@ def run(cfg: CPTConfig) -> int:
 
     metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
-    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    peak = peak_flops(rt.device, amp, t.peak_flops)
     flops_tok = flops_per_token_train(model.cfg, t.seq_len) * (2 / 3 if base.lora else 1.0)
     monitor = Throughput(flops_tok, peak)
     bar = ProgressBar(budget.total, budget.unit, start=budget.position(step, tokens, seconds))

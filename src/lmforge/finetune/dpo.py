@@ -136,8 +136,9 @@ def run(cfg: DPOConfig) -> int:
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.model.lora import lora_disabled
     from lmforge.training import precision
+    from lmforge.training.compile import eager, maybe_compile
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
-    from lmforge.training.monitor import Throughput, measure_peak_flops
+    from lmforge.training.monitor import Throughput, peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr
@@ -155,15 +156,15 @@ def run(cfg: DPOConfig) -> int:
         return 0
     rt, run_dir, kind, resumed = opened
 
+    amp = precision.resolve_dtype(t.dtype, rt.device)
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     resumed=resumed if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None, frozen_dtype=amp)
     model, tok = base.model, base.tokenizer
     for note in base.notes:
         runs.log(f"note: {note}")
     runs.log(f"model: {base.path} ({'LoRA' if base.lora else 'full finetuning'}): {base.trainable:,} trainable of "
              f"{base.total:,} parameters ({100 * base.trainable / base.total:.2f}%); reference: "
              f"{'the base with adapters disabled' if base.lora else 'log-probs computed once up front'}")
-    amp = precision.resolve_dtype(t.dtype, rt.device)
 
     def autocast_ctx():
         return precision.autocast(rt.device, amp)
@@ -184,7 +185,7 @@ def run(cfg: DPOConfig) -> int:
 
     def evaluate(with_mc: bool) -> dict:
         out: dict = {}
-        with autocast_ctx():
+        with autocast_ctx(), eager():  # evaluation's shapes are not training's: no compiling for them
             if val:
                 pc, pr = pair_logps(model, val, pad, average)
                 losses, cr, rj = dpo_loss(pc, pr, val_ref[0], val_ref[1], cfg.beta, cfg.loss, cfg.label_smoothing)
@@ -211,7 +212,7 @@ def run(cfg: DPOConfig) -> int:
     #    weights only afterwards): held-out pairs always; training pairs for full finetuning, and only those the
     #    run will visit when its length is known in steps. LoRA runs get training references per step instead.
     t0 = time.perf_counter()
-    with autocast_ctx(), lora_disabled(model):
+    with autocast_ctx(), lora_disabled(model), eager():
         val_ref = pair_logps(model, val, pad, average) if val else None
         train_ref = None
         if not base.lora:
@@ -237,9 +238,12 @@ def run(cfg: DPOConfig) -> int:
     lineage = {"stage": "dpo", "base_model": str(base.path), "base_lineage": base.lineage, "data": data["source"],
                "method": "lora" if base.lora else "full", "beta": cfg.beta, "loss": cfg.loss}
 
+    # compiled: the policy's forward and backward, and with LoRA the reference pass (adapters bypassed, no grad):
+    # a second graph, compiled once; pair batches vary in length, so both are dynamic-shape graphs
+    maybe_compile(model, t.compile, rt.device, budget.horizon, t.max_time, runs.log, dynamic=True)
     metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
-    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    peak = peak_flops(rt.device, amp, t.peak_flops)
     # policy forward + backward, plus a reference forward per step with LoRA (training FLOPs per token ~ 6N + 2N)
     flops_tok = flops_per_token_train(model.cfg, seq_len) * ((2 / 3 + 1 / 3) if base.lora else 1.0)
     monitor = Throughput(flops_tok, peak)

@@ -61,13 +61,10 @@ def open_run(cfg: Any, lora: bool) -> tuple[Runtime, Path, str, rundir.Resumed |
 
 
 def single_device(rt: Runtime, t: Any) -> None:
-    """Stage 2 trains on one device, eagerly: refuse the TrainConfig options it does not implement."""
+    """Stage 2 trains on one device: refuse the TrainConfig options it does not implement."""
     if rt.distributed:
         raise LmforgeError("finetuning runs on one device (one process); launch it without torchrun "
                            "(multi-device data parallelism is pretrain's)")
-    if t.compile:
-        raise LmforgeError("--train.compile is not supported by finetuning (LoRA's adapter switching would "
-                           "recompile); drop it")
 
 
 def save_resumable(base: Base, model: Any, optimizer: Any, rt: Runtime, out: Path, trainer_state: dict,

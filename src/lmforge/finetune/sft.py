@@ -114,9 +114,10 @@ def _stats_line(stats: ReadStats, n_train: int, n_val: int) -> str:
 def evaluate(model: Any, tokenizer: Any, val: list, mc_items: list[dict], render: Any, autocast_ctx: Any,
              mc_examples: list | None = None) -> dict:
     from lmforge.finetune.heldout import masked_loss, mc_accuracy
+    from lmforge.training.compile import eager
 
     out: dict = {}
-    with autocast_ctx():
+    with autocast_ctx(), eager():  # evaluation's shapes are not training's: no compiling for them
         if val:
             out["val_loss"] = masked_loss(model, val, tokenizer.pad_id or 0)
         if mc_items:
@@ -127,12 +128,14 @@ def evaluate(model: Any, tokenizer: Any, val: list, mc_items: list[dict], render
 
 def samples(model: Any, tokenizer: Any, val: list, n: int, max_tokens: int) -> list[dict]:
     """Greedy answers to the first n validation prompts (the prompt is everything before the first trained token)."""
+    from lmforge.training.compile import eager
     from lmforge.training.evaluate import sample
 
     out = []
     for ex in val[:n]:
         cut = ex.train.index(True)
-        ids = sample(model, ex.ids[:cut], max_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
+        with eager():
+            ids = sample(model, ex.ids[:cut], max_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
         prompt = tokenizer.decode(ex.ids[:cut], skip_special_tokens=False)
         expected = tokenizer.decode([i for i, t in zip(ex.ids, ex.train) if t], skip_special_tokens=True)
         ids = [i for i in ids if i < tokenizer.vocab_size]  # a model's embedding may be padded past the vocabulary
@@ -148,8 +151,9 @@ def run(cfg: SFTConfig) -> int:
     from lmforge.finetune.heldout import mc_examples as build_mc
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.training import precision
+    from lmforge.training.compile import maybe_compile
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
-    from lmforge.training.monitor import Throughput, measure_peak_flops
+    from lmforge.training.monitor import Throughput, peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr
@@ -165,9 +169,10 @@ def run(cfg: SFTConfig) -> int:
         return 0
     rt, run_dir, kind, resumed = opened
 
-    # -- the base model, LoRA or not
+    # -- the base model, LoRA or not (a LoRA base frozen in the autocast dtype: the same numbers, no per-step cast)
+    amp = precision.resolve_dtype(t.dtype, rt.device)
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     resumed=resumed if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None, frozen_dtype=amp)
     model, tok = base.model, base.tokenizer
     if resumed is not None and not cfg.lora.enabled:
         model.load_state_dict(resumed.weights)
@@ -175,7 +180,6 @@ def run(cfg: SFTConfig) -> int:
         runs.log(f"note: {note}")
     runs.log(f"model: {base.path} ({'LoRA' if base.lora else 'full finetuning'}): {base.trainable:,} trainable of "
              f"{base.total:,} parameters ({100 * base.trainable / base.total:.2f}%)")
-    amp = precision.resolve_dtype(t.dtype, rt.device)
 
     def autocast_ctx():
         return precision.autocast(rt.device, amp)
@@ -194,7 +198,8 @@ def run(cfg: SFTConfig) -> int:
     steps_per_epoch = math.ceil(loader.rows_per_epoch / t.batch_size / t.grad_accum)
     budget = Budget.resolve(t, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
 
-    # -- optimizer; resume
+    # -- compile (batches vary in length: one dynamic-shape graph), optimizer; resume
+    maybe_compile(model, t.compile, rt.device, budget.horizon, t.max_time, runs.log, dynamic=True)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     step, tokens, train_tokens, seconds = 0, 0, 0, 0.0
     before: dict = {}
@@ -214,7 +219,7 @@ def run(cfg: SFTConfig) -> int:
     # -- monitoring
     metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
-    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    peak = peak_flops(rt.device, amp, t.peak_flops)
     flops_tok = flops_per_token_train(model.cfg, seq_len)
     if base.lora:  # no weight gradients for frozen matrices: about 2/3 of full training's matmul FLOPs
         flops_tok *= 2 / 3

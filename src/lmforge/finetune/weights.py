@@ -52,17 +52,26 @@ class Base:
 
 
 def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_template: str = "",
-              resumed: Resumed | None = None) -> Base:
+              resumed: Resumed | None = None, frozen_dtype: Any = None) -> Base:
     """Load the base model and tokenizer, pick the chat template, apply LoRA (or unfreeze all) and move to device.
 
     resumed: the checkpoint a LoRA run continues from (its adapter replaces the fresh
     initialisation). A full run loads its checkpoint's weights itself, when the recipe is ready for them (DPO first
     scores its reference with the base's own weights).
+    frozen_dtype: the run's autocast dtype (None: fp32). With LoRA the frozen projections are stored in it
+    (model/lora.py: lower_frozen_base): what autocast computes anyway, without casting them at every step;
+    `save_final` merges into the base's full-precision weights.
     """
     import torch
 
     from lmforge import checkpoint
-    from lmforge.model.lora import apply_lora, load_lora_state_dict, split_targets, trainable_parameters
+    from lmforge.model.lora import (
+        apply_lora,
+        load_lora_state_dict,
+        lower_frozen_base,
+        split_targets,
+        trainable_parameters,
+    )
     from lmforge.tokenizer import chat
 
     if not path:
@@ -96,6 +105,7 @@ def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_templat
                    seed=seed)
         if resumed is not None:
             load_lora_state_dict(model, resumed.weights, source=str(resumed.path))
+        lower_frozen_base(model, frozen_dtype)
     else:
         for prm in model.parameters():
             prm.requires_grad_(True)
@@ -111,8 +121,10 @@ def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool
     With LoRA and merge, the adapter is folded into `model` in place after adapter/ is written (no second copy of
     the weights); the merged model computes what the adapted one did.
     """
+    import torch
+
     from lmforge import checkpoint
-    from lmforge.model.lora import merge_lora
+    from lmforge.model.lora import lora_modules, merge_lora, restore_frozen_base
 
     out: dict[str, str] = {}
     if base.lora:
@@ -120,6 +132,8 @@ def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool
                                           lineage=lineage, tokenizer=base.tokenizer)
         out["adapter"] = str(adapter)
         if merge:
+            if any(m.weight.dtype != torch.float32 for _, m in lora_modules(model)):  # frozen in bf16 for training
+                restore_frozen_base(model, checkpoint.load_model(base.path, dtype=torch.float32).state_dict())
             merge_lora(model)
             out["final"] = str(checkpoint.save_model(model, final_dir(run_dir), tokenizer=base.tokenizer,
                                                      lineage={**lineage, "merged_adapter": str(adapter)}))

@@ -9,7 +9,9 @@ What lives here, and what does not:
 - here: the wrapper, `apply_lora`, `merge_lora` (fold B A into W and restore plain nn.Linear), `lora_state_dict` /
   `load_lora_state_dict` in lmforge's own names (`model.layers.0.self_attn.q_proj.lora_A`), `lora_settings` (rank,
   alpha, dropout, targets), `lora_disabled(model)` (a context in which the adapters are bypassed: DPO's reference
-  model is the base without the adapter, with no second copy in memory), `trainable_parameters`.
+  model is the base without the adapter, with no second copy in memory), `trainable_parameters`, and
+  `lower_frozen_base` / `restore_frozen_base` (the frozen base in bf16 for training under bf16 autocast, full
+  precision again for merging).
 - checkpoint.py: PEFT's key names and adapter_config.json (`save_adapter`, `load_adapter`): the only module that
   knows Hugging Face names. To serve an adapter: `model = checkpoint.load_model(base)`,
   `checkpoint.load_adapter(model, adapter_dir)`, then either run it as is or `merge_lora(model)` for plain speed.
@@ -57,11 +59,19 @@ class LoRALinear(nn.Linear):
         self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # a base frozen in bf16 (lower_frozen_base) outside autocast: compute in its dtype, answer in x's
+            y = F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
+        else:
+            y = F.linear(x, w, self.bias)
         if self.disabled:
             return y
-        # x [..., in] -> [..., r] -> [..., out]; the low-rank path never forms the [out, in] product
-        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        if isinstance(self.lora_dropout, nn.Dropout):
+            x = self.lora_dropout(x)
+        # x [..., in] -> [..., r] -> [..., out]: the low-rank path never forms the [out, in] product, and the
+        # scaling multiplies the narrow [..., r] activation rather than the [..., out] one
+        return y + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling, the [out, in] update that merging adds to the base weight."""
@@ -233,6 +243,39 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = b
 
 
+def lower_frozen_base(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Store the frozen base weights (and biases) of every adapted projection in `dtype`; returns how many.
+
+    Under autocast to `dtype` a matmul casts its fp32 weight to `dtype` at every call (autocast caches casts only
+    of weights that train), so keeping the frozen copy in `dtype` computes exactly the same numbers without the
+    per-step cast and with half the memory. The adapter factors stay fp32 (they train). Merging wants the full-
+    precision weights back: `restore_frozen_base` before `merge_lora`. dtype None or fp32: nothing to do.
+    """
+    if dtype is None or dtype == torch.float32:
+        return 0
+    n = 0
+    for _, m in lora_modules(model):
+        for name in ("weight", "bias"):
+            p = getattr(m, name)
+            if p is not None and not p.requires_grad and p.dtype != dtype:
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+                n += 1
+    return n
+
+
+def restore_frozen_base(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Put full-precision base weights (from `state`, the base model's state dict) back under every adapter
+    whose base was lowered by `lower_frozen_base`; returns how many tensors were restored."""
+    n = 0
+    for name, m in lora_modules(model):
+        for part in ("weight", "bias"):
+            p, key = getattr(m, part), f"{name}.{part}"
+            if p is not None and key in state and state[key].dtype != p.dtype:
+                setattr(m, part, nn.Parameter(state[key].to(p.device), requires_grad=p.requires_grad))
+                n += 1
+    return n
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += B A * alpha/r) and put plain nn.Linear layers back.
 
@@ -241,8 +284,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in list(lora_modules(model)):
         parent, leaf = _parent(model, name)
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        with torch.no_grad():
-            merged = m.weight + m.delta_weight().to(m.weight.dtype)
+        with torch.no_grad():  # in the adapter's precision (fp32), then back to the base weight's dtype
+            merged = (m.weight.to(m.lora_A.dtype) + m.delta_weight()).to(m.weight.dtype)
         plain.weight = nn.Parameter(merged, requires_grad=m.weight.requires_grad)
         if m.bias is not None:
             plain.bias = m.bias

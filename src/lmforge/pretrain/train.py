@@ -39,7 +39,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import PRESETS, ModelConfig
 from lmforge.training import rundir, state
 from lmforge.training.budget import Budget
-from lmforge.training.compile import compile_blocks
+from lmforge.training.compile import eager, maybe_compile
 from lmforge.training.config import TrainConfig
 from lmforge.training.distributed import (
     Runtime,
@@ -54,7 +54,7 @@ from lmforge.training.distributed import (
 )
 from lmforge.training.evaluate import evaluate, sample
 from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
-from lmforge.training.monitor import Throughput, fastest_thread_count, measure_peak_flops
+from lmforge.training.monitor import Throughput, fastest_thread_count, peak_flops
 from lmforge.training.optim import build_optimizer
 from lmforge.training.precision import autocast, dtype_name, resolve_dtype
 from lmforge.training.report import write_summary
@@ -179,13 +179,12 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
         state.restore(model, optimizer, trainer)
         loader.load_state_dict(trainer["loader"])
         step, tokens, elapsed = int(trainer["step"]), int(trainer["tokens"]), float(trainer["elapsed"])
-    if t.compile:
-        compile_blocks(model, rt.device, log)
+    maybe_compile(model, t.compile, rt.device, budget.horizon, t.max_time, log)
 
     # ---- measurement and output ----------------------------------------------------------------------
     amp = resolve_dtype(t.dtype, rt.device)
     amp_ctx = lambda: autocast(rt.device, amp)  # noqa: E731
-    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    peak = peak_flops(rt.device, amp, t.peak_flops)
     monitor = Throughput(flops_per_token_train(model_cfg, t.seq_len), peak, rt.world_size)
     metrics = MetricsWriter(out, step if resumed else None, t.tensorboard) if rt.is_main else None
     fused = t.fused_loss and not is_sharded(model)
@@ -210,7 +209,7 @@ def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) 
                                                    flops=tokens * monitor.flops_per_token))
 
     def run_eval() -> None:
-        with torch.compiler.set_stance("force_eager"):  # compiled blocks would recompile for decode shapes
+        with eager():  # compiled blocks would recompile for evaluation's and decoding's shapes
             _eval()
 
     def _eval() -> None:

@@ -1,8 +1,17 @@
-"""torch.compile for training, by region: each transformer block is compiled on its own (the blocks are
-identical, so Dynamo compiles the code once and reuses it for all of them), while the embedding, the fused loss
-and the optimizer stay eager. Compile time is that of one block (measured on 2 CPU cores: ~20-35 s instead of
-~80 s for the whole small model) for most of the speed of compiling everything (+35-40% tokens/s on CPU, where
-Inductor fuses the elementwise work around the matmuls: RMSNorm, RoPE, SwiGLU, dtype casts).
+"""torch.compile for training: when it pays (the rule every recipe shares), and how (by region).
+
+How. Each transformer block is compiled on its own (`compile_blocks`): the blocks are identical, so Dynamo
+compiles the code once and reuses it for all of them, while the embedding, the fused loss and the optimizer stay
+eager. Inductor fuses the elementwise work around the matmuls (RMSNorm, RoPE, SwiGLU, autocast's dtype casts, the
+LoRA additions). Compiled kernels persist across runs in lmforge's compile cache (model/compile_cache.py, shared
+with inference), so a second run of the same shapes starts warm. Evaluation and sampling run eagerly
+(`eager()`): their shapes differ from training's, and compiling them would cost more than it saves.
+
+When. `TrainConfig.compile` is None by default ("auto"): compile when the run's step budget reaches the measured
+break-even (`BREAK_EVEN_STEPS`): cold compile time / per-step gain, measured on the presets (docs/pretrain.md,
+"Compiled training"). The rule uses the configuration only, never a timing, so the same command always makes the
+same choice (and reproduces the same losses). A run bounded by time alone compiles when its limit exceeds
+`BREAK_EVEN_SECONDS`. --compile / --no-compile decide it outright.
 
 On CPU Inductor needs a C++ compiler; without one, `compile_blocks` says so and leaves the model eager.
 """
@@ -12,10 +21,15 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+# Measured break-even points (docs/pretrain.md, "Compiled training"), conservative: the largest over the presets
+# measured (a bigger model gains more per step for the same compile time, so it breaks even sooner).
+BREAK_EVEN_STEPS = {"cpu": 150, "cuda": 300}
+BREAK_EVEN_SECONDS = {"cpu": 150.0, "cuda": 60.0}
 
 
 def cpu_compiler() -> str | None:
@@ -26,15 +40,67 @@ def cpu_compiler() -> str | None:
     return None
 
 
-def compile_blocks(model: torch.nn.Module, device: torch.device, log: Callable[[str], None]) -> bool:
-    """Compile every transformer block of `model` (a Transformer, or a wrapper whose .module is one) in place.
+def decide(pref: bool | None, device: torch.device, steps: int | None, seconds: float | None = None
+           ) -> tuple[bool, str]:
+    """(compile?, why) for a run of at most `steps` optimizer steps (None: unknown) or `seconds` of training.
+
+    pref True/False (--compile / --no-compile) wins; None applies the break-even rule for the device type.
+    """
+    if pref is not None:
+        return bool(pref), "--compile" if pref else "--no-compile"
+    kind = device.type if device.type in BREAK_EVEN_STEPS else "cuda"
+    if steps is not None:
+        need = BREAK_EVEN_STEPS[kind]
+        if steps >= need:
+            return True, f"{steps} steps >= the ~{need}-step break-even of compiling on {kind}"
+        return False, f"{steps} steps < the ~{need}-step break-even of compiling on {kind}"
+    if seconds is not None:
+        need_s = BREAK_EVEN_SECONDS[kind]
+        if seconds >= need_s:
+            return True, f"a {seconds:g} s budget >= the ~{need_s:g} s break-even of compiling on {kind}"
+        return False, f"a {seconds:g} s budget < the ~{need_s:g} s break-even of compiling on {kind}"
+    return False, "no step or time budget to weigh compiling against"
+
+
+def compile_blocks(model: torch.nn.Module, device: torch.device, log: Callable[[str], None],
+                   dynamic: bool | None = None) -> bool:
+    """Compile every transformer block of `model` (a Transformer, or a wrapper whose .module is one) in place,
+    with lmforge's persistent compile cache. dynamic: torch.compile's (True for batches whose shapes vary, as
+    SFT's and DPO's do, so one graph serves every length instead of a recompile per new one).
 
     Returns False (model unchanged) when compiling is not possible here.
     """
+    from lmforge.model.compile_cache import use_compile_cache
+
     if device.type == "cpu" and cpu_compiler() is None:
-        log("note: --train.compile needs a C++ compiler on CPU (g++ or clang++; none found): training eagerly")
+        log("note: compiling needs a C++ compiler on CPU (g++ or clang++; none found): training eagerly")
         return False
+    use_compile_cache()
     inner = getattr(model, "module", model)
     for block in inner.model.layers:
-        block.compile()
+        block.compile(dynamic=dynamic)
     return True
+
+
+def maybe_compile(model: torch.nn.Module, pref: bool | None, device: torch.device, steps: int | None,
+                  seconds: float | None, log: Callable[[str], None], dynamic: bool | None = None) -> bool:
+    """Apply `decide`, log the choice and its reason, and compile the blocks if so; returns whether compiled."""
+    want, why = decide(pref, device, steps, seconds)
+    if not want:
+        if pref is None:
+            log(f"training eagerly: {why} (--compile to compile anyway)")
+        return False
+    done = compile_blocks(model, device, log, dynamic=dynamic)
+    if done:
+        from lmforge.model.compile_cache import use_compile_cache
+
+        log(f"compiling the transformer blocks ({why}; --no-compile to train eagerly); cache "
+            f"{use_compile_cache()}")
+    return done
+
+
+def eager() -> Any:
+    """A context in which compiled blocks run eagerly (evaluation, sampling: shapes training never sees)."""
+    import torch
+
+    return torch.compiler.set_stance("force_eager")

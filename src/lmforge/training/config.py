@@ -1,6 +1,7 @@
 """TrainConfig: the knobs every training recipe shares (budget, batch, optimizer, schedule, evaluation,
 checkpoints, precision, parallelism), with the short flags users type on both `pretrain` and `finetune`:
---max-steps --max-tokens --max-time --batch-size --grad-accum --seq-len --lr --seed --eval-every --save-every.
+--max-steps --max-tokens --max-time --batch-size --grad-accum --seq-len --lr --seed --eval-every --save-every
+--compile/--no-compile.
 
 A recipe embeds it as its `train` section. The defaults are the built-in pretraining run (`lmforge pretrain
 --preset tiny` on 2 CPU cores in about three minutes); a recipe with other needs sets its own defaults with
@@ -51,7 +52,9 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = opt("auto", "compute precision: auto (bf16 autocast where the hardware has bf16, else fp32)",
                      choices=["auto", "bf16", "fp32"])
-    compile: bool = opt(False, "torch.compile each transformer block (CPU: needs a C++ compiler; ~20-40 s to compile)")
+    compile: bool | None = opt(None, "torch.compile each transformer block (default: when the step budget passes the "
+                                     "measured break-even, training/compile.py; --no-compile: never; CPU needs a "
+                                     "C++ compiler)", flag="--compile")
     activation_checkpointing: bool = opt(False, "recompute layer activations in backward to save memory")
     fused_loss: bool = opt(True, "chunked cross-entropy that never holds the whole batch's logits")
     parallel: str = opt("ddp", "data parallelism under torchrun: ddp, or fsdp (FSDP2 fully_shard)",

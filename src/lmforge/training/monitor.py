@@ -2,9 +2,10 @@
 
 MFU = (tokens/s per device) x (training FLOPs per token) / (peak FLOP/s of one device). FLOPs per token come
 from lmforge.model.accounting.flops_per_token_train, the same function the planner and the benchmarks use, so
-the three agree. The peak is either configured (a datasheet number, e.g. 989e12 for an H100's dense bf16) or
-measured once at start by `measure_peak_flops`: the best rate of a square matmul in the training dtype, which
-is what the hardware actually delivers to this process (on a shared 2-core CPU, far from the datasheet).
+the three agree. The peak (`peak_flops`) is, in this order: configured (--train.peak_flops), the datasheet's
+dense bf16 tensor-core peak of a known CUDA GPU (`GPU_BF16_PEAKS`, the convention MFU figures are quoted in),
+or measured once at start by `measure_peak_flops`: the best rate of a square matmul in the training dtype,
+which is what the hardware actually delivers to this process (on a shared 2-core CPU, far from any datasheet).
 """
 
 from __future__ import annotations
@@ -14,6 +15,37 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name(); first match
+# wins, so the more specific names come first. The same datasheet figures as lmforge/plan/prices.yaml's GPUs.
+GPU_BF16_PEAKS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10G", 125e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+)
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a CUDA device by name (GPU_BF16_PEAKS), or None when unknown."""
+    for key, flops in GPU_BF16_PEAKS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None, configured: float | None = None) -> float:
+    """The peak FLOP/s MFU divides by: configured, else a known GPU's datasheet bf16 peak (when training in bf16),
+    else measured (`measure_peak_flops`)."""
+    if configured:
+        return configured
+    if device.type == "cuda" and dtype is not None:
+        import torch
+
+        known = datasheet_peak(torch.cuda.get_device_name(device))
+        if known:
+            return known
+    return measure_peak_flops(device, dtype)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None,

@@ -20,7 +20,8 @@ one, for every recipe and both kinds, and stops with an error only when none loa
 
 The one rule for a finished run (`finished`): a run directory is finished when its summary.json says status
 "complete" (written last, after the result), its result is whole (final/, or adapter/ for a LoRA run saved
-without merging), and its config.yaml equals the config being run. The same command then has nothing to do; any
+without merging), and its config.yaml equals the config being run, leaving out the keys that say only how to
+compute, not what (`HOW_KEYS`: --compile). The same command then has nothing to do; any
 other config there is an error (use another --out; to train the result further, start a new run from it with
 --base RUN/final). Why this rule and not a step count (HF Trainer's "the checkpoint is at step N, the budget says
 N: nothing to do; raise the budget to train on"):
@@ -159,6 +160,9 @@ def load_newest(candidates: list[Path], load: Callable[[Path], Any], log: Callab
 
 
 # ---- starting ---------------------------------------------------------------------------------------------------
+HOW_KEYS = ("train.compile",)  # settings that change how a run computes, not what it trains: not part of its identity
+
+
 def _flat(d: Any, prefix: str = "") -> dict:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -185,8 +189,11 @@ def finished(run_dir: str | Path, cfg: Any) -> bool:
     if not done or not (ckpt.is_complete(final_dir(run_dir)) or ckpt.is_adapter_dir(adapter_dir(run_dir))):
         return False
     here = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as config.yaml holds it
-    if there != here:
-        a, b = _flat(there), _flat(here)
+    a, b = _flat(there), _flat(here)
+    for k in HOW_KEYS:
+        a.pop(k, None)
+        b.pop(k, None)
+    if a != b:
         diff = [f"{k}: {a.get(k)} there, {b.get(k)} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise LmforgeError(f"{run_dir} holds a finished run with a different config ({'; '.join(diff[:4])}); use "
                            f"another --out (to train its result further, start a new run with --base "

@@ -26,6 +26,15 @@ from lmforge.data import IGNORE_INDEX
 if TYPE_CHECKING:
     import torch
 DEFAULT_CHUNK = 512  # tokens per chunk of the fused loss: [512, V] fp32 log-probs at a time (fastest on CPU)
+GPU_CHUNK_BYTES = 2**28  # on a GPU, chunks of up to 256 MB of fp32 log-probs: few launches, no host syncs
+
+
+def chunk_size(device_type: str, vocab: int) -> int:
+    """Tokens per chunk of the fused loss: DEFAULT_CHUNK on CPU (cache-sized), larger on accelerators (each chunk
+    is a few kernel launches; bigger chunks keep the GPU busy)."""
+    if device_type == "cpu":
+        return DEFAULT_CHUNK
+    return max(DEFAULT_CHUNK, GPU_CHUNK_BYTES // (4 * vocab))
 
 
 def count_targets(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
@@ -68,10 +77,13 @@ def _linear_ce_function():
             grad_h = torch.empty_like(h) if want_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            on_cpu = hidden.device.type == "cpu"
             for s in range(0, n, chunk):
                 hc, tc = h[s:s + chunk], targets[s:s + chunk]
                 valid = tc != ignore_index
-                all_valid = bool(valid.all())
+                # on CPU, skipping the masking when every target counts is cheaper than the check; on a GPU the
+                # check would stall the stream (a host sync per chunk), so the chunk is always masked
+                all_valid = bool(valid.all()) if on_cpu else False
                 safe = tc if all_valid else tc.masked_fill(~valid, 0)
                 # log-softmax straight from the compute-dtype logits: one read, one fp32 write
                 logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # c V
@@ -105,11 +117,12 @@ _FN = None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of (hidden [..., C] @ weight [V, C].T) against targets [...], fp32 scalar.
 
-    Equal to cross_entropy_sum(hidden @ weight.T, targets) (tested), but chunked over tokens. Under autocast the
-    matmuls run in the autocast dtype, the softmax in fp32, as autocast would do them.
+    Equal to cross_entropy_sum(hidden @ weight.T, targets) (tested), but chunked over tokens (`chunk`, default
+    `chunk_size` for the device). Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as
+    autocast would do them.
     """
     import torch
 
@@ -118,6 +131,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         _FN = _linear_ce_function()
     dev = hidden.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    chunk = chunk or chunk_size(dev, weight.shape[0])
     with torch.autocast(dev, enabled=False):
         return _FN.apply(hidden.flatten(0, -2), weight, targets.flatten(), ignore_index, chunk, compute)
 

@@ -1,0 +1,70 @@
+"""When training compiles (the break-even rule), where the compile cache lives, and that a compiled LoRA DPO run
+(policy graph, adapter-disabled reference graph, batches of varying length) trains like the eager one."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.model.compile_cache import cache_root, use_compile_cache
+from lmforge.training.compile import BREAK_EVEN_SECONDS, BREAK_EVEN_STEPS, cpu_compiler, decide
+from tests.finetune.fixtures import one_thread, tiny_base  # noqa: F401  (one_thread: autouse)
+
+CPU = torch.device("cpu")
+
+
+def test_the_flag_wins_and_auto_weighs_the_budget():
+    n = BREAK_EVEN_STEPS["cpu"]
+    assert decide(True, CPU, 3) == (True, "--compile")
+    assert decide(False, CPU, 10 * n) == (False, "--no-compile")
+    assert decide(None, CPU, n)[0] and not decide(None, CPU, n - 1)[0]
+    assert "break-even" in decide(None, CPU, n - 1)[1]
+    # a time budget alone: compiled when it is longer than the break-even time; no budget at all: eager
+    assert decide(None, CPU, None, BREAK_EVEN_SECONDS["cpu"])[0]
+    assert not decide(None, CPU, None, BREAK_EVEN_SECONDS["cpu"] / 2)[0]
+    assert not decide(None, CPU, None, None)[0]
+    assert decide(None, torch.device("cuda"), BREAK_EVEN_STEPS["cuda"])[0]
+
+
+def test_the_cache_lives_in_lmforges_folder_unless_torch_is_told_otherwise(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "lm"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch._inductor sets
+    assert cache_root() == tmp_path / "lm"
+    assert use_compile_cache() == tmp_path / "lm" / "inductor" and (tmp_path / "lm" / "inductor").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "lm" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
+    assert use_compile_cache() == tmp_path / "mine"
+    monkeypatch.delenv("LMFORGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "lmforge"
+
+
+def _losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.skipif(cpu_compiler() is None, reason="Inductor needs a C++ compiler on CPU")
+def test_compiled_lora_dpo_trains_like_eager(tmp_path):
+    """One compile (the slow part of this suite: ~30 s cold on 2 cores, seconds with a warm cache)."""
+    base = tiny_base(tmp_path / "base", seed=1)
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"What does function {i} return?" + " Please." * (i % 4), "chosen": "It returns the sum.",
+             "rejected": "Split the string" + " at the separator" * (i % 3) + "."} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        assert main(["finetune", "dpo", "--base", str(base), "--data", str(data), "--out", str(out), flag,
+                     "--lora", "--lora.rank", "4", "--lr", "1e-2", "--max-steps", "4", "--batch-size", "4",
+                     "--eval-every", "0", "--heldout-mc", "0", "--train.peak-flops", "1e12",
+                     "--train.dtype", "bf16", "--train.log-every", "1"]) == 0
+        losses[flag] = _losses(out)
+    eager, compiled = losses["--no-compile"], losses["--compile"]
+    assert math.isclose(compiled[0], math.log(2), abs_tol=2e-3)  # policy graph == reference graph at step 1
+    assert len(compiled) == len(eager) == 4
+    assert all(math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-2) for a, b in zip(eager, compiled)), (eager, compiled)
