@@ -9,7 +9,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # no verb or server compiles its decode step here (a cold compile costs seconds to minutes on 2 cores), servers
-# started as processes included; tests about compiling turn it back on (tests/inference/test_compiled.py)
+# started as processes included; tests about compiling turn it back on (tests/inference/test_compiled.py); training
+# runs compile only where a test asks for it with --compile (training/compile.py: the flag wins over the variable)
 os.environ.setdefault("LMFORGE_COMPILE", "0")
 
 import pytest  # noqa: E402

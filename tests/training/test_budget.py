@@ -86,3 +86,13 @@ def test_warmup_steps_are_outside_the_decay_and_reasons_say_why():
 def test_budget_errors(limits, fallback, match):
     with pytest.raises(LmforgeError, match=match):
         Budget.resolve(_train(limits), tokens_per_step=FIXED, **fallback)
+
+
+def test_steps_at_least_is_what_the_compile_rule_weighs():
+    def budget(steps=None, tokens=None, time=None, per_step=None):
+        return Budget.resolve(TrainConfig(max_steps=steps, max_tokens=tokens, max_time=time, warmup_steps=0),
+                              tokens_per_step=per_step)
+    assert budget(steps=40).steps_at_least(512) == 40
+    assert budget(tokens=1000).steps_at_least(512) == 2  # varying steps of at most 512 tokens: at least 2
+    assert budget(tokens=1000, per_step=100).steps_at_least(512) == 10  # fixed steps: the horizon itself
+    assert budget(time=60.0).steps_at_least(512) is None

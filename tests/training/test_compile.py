@@ -16,7 +16,8 @@ from tests.finetune.fixtures import one_thread, tiny_base  # noqa: F401  (one_th
 CPU = torch.device("cpu")
 
 
-def test_the_flag_wins_and_auto_weighs_the_budget():
+def test_the_flag_wins_and_auto_weighs_the_budget(monkeypatch):
+    monkeypatch.delenv("LMFORGE_COMPILE")  # the suite's "never unless asked" (tests/conftest.py), checked below
     n = BREAK_EVEN_STEPS["cpu"]
     assert decide(True, CPU, 3) == (True, "--compile")
     assert decide(False, CPU, 10 * n) == (False, "--no-compile")
@@ -27,6 +28,10 @@ def test_the_flag_wins_and_auto_weighs_the_budget():
     assert not decide(None, CPU, None, BREAK_EVEN_SECONDS["cpu"] / 2)[0]
     assert not decide(None, CPU, None, None)[0]
     assert decide(None, torch.device("cuda"), BREAK_EVEN_STEPS["cuda"])[0]
+    monkeypatch.setenv("LMFORGE_COMPILE", "0")
+    assert decide(None, CPU, 10 * n) == (False, "LMFORGE_COMPILE=0") and decide(True, CPU, 1)[0]
+    monkeypatch.setenv("LMFORGE_COMPILE", "1")
+    assert decide(None, CPU, 1)[0]
 
 
 def test_the_cache_lives_in_lmforges_folder_unless_torch_is_told_otherwise(monkeypatch, tmp_path):

@@ -240,7 +240,8 @@ def run(cfg: DPOConfig) -> int:
 
     # compiled: the policy's forward and backward, and with LoRA the reference pass (adapters bypassed, no grad):
     # a second graph, compiled once; pair batches vary in length, so both are dynamic-shape graphs
-    maybe_compile(model, t.compile, rt.device, budget.horizon, t.max_time, runs.log, dynamic=True)
+    steps = budget.steps_at_least(2 * t.batch_size * t.grad_accum * seq_len)  # a step holds at most this many tokens
+    maybe_compile(model, t.compile, rt.device, steps, t.max_time, runs.log, dynamic=True)
     metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None,
                             tensorboard=t.tensorboard)
     peak = peak_flops(rt.device, amp, t.peak_flops)

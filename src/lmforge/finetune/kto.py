@@ -118,8 +118,9 @@ def run(cfg: KTOConfig) -> int:
     from lmforge.model.accounting import flops_per_token_train
     from lmforge.model.lora import lora_disabled
     from lmforge.training import precision
+    from lmforge.training.compile import eager, maybe_compile
     from lmforge.training.metrics import MetricsWriter, ProgressBar, plot_loss
-    from lmforge.training.monitor import Throughput, measure_peak_flops
+    from lmforge.training.monitor import Throughput, peak_flops
     from lmforge.training.optim import build_optimizer
     from lmforge.training.report import write_summary
     from lmforge.training.schedule import lr_at, set_lr
@@ -140,15 +141,15 @@ def run(cfg: KTOConfig) -> int:
         return 0
     rt, run_dir, kind, resumed = opened
 
+    amp = precision.resolve_dtype(t.dtype, rt.device)
     base = load_base(cfg.base, cfg.lora, t.seed, rt.device, cfg.chat_template,
-                     resumed=resumed if cfg.lora.enabled else None)
+                     resumed=resumed if cfg.lora.enabled else None, frozen_dtype=amp)
     model, tok = base.model, base.tokenizer
     for note in base.notes:
         runs.log(f"note: {note}")
     runs.log(f"model: {base.path} ({'LoRA' if base.lora else 'full finetuning'}): {base.trainable:,} trainable of "
              f"{base.total:,} parameters; reference: "
              f"{'the base with adapters disabled' if base.lora else 'log-probs computed once up front'}")
-    amp = precision.resolve_dtype(t.dtype, rt.device)
 
     def autocast_ctx():
         return precision.autocast(rt.device, amp)
@@ -174,7 +175,7 @@ def run(cfg: KTOConfig) -> int:
     # -- held-out: the records and their mismatched pairs, with reference log-probs computed while the weights are
     #    the base's (a resumed full run loads its checkpoint weights only below)
     val_kl = mismatched(tok, render, val, list(range(len(val))), seq_len) if len(val) >= 2 else []
-    with autocast_ctx(), lora_disabled(model):
+    with autocast_ctx(), lora_disabled(model), eager():
         val_ref = torch.tensor(example_logps(model, [x.example for x in val], pad)[0], dtype=torch.float64)
         val_ref_kl = torch.tensor(example_logps(model, val_kl, pad)[0], dtype=torch.float64)
     val_flags = torch.tensor([x.desirable for x in val], dtype=torch.bool)
@@ -182,7 +183,7 @@ def run(cfg: KTOConfig) -> int:
     def evaluate() -> dict:
         if not val_kl:
             return {}
-        with autocast_ctx():
+        with autocast_ctx(), eager():  # evaluation's shapes are not training's: no compiling for them
             pol = torch.tensor(example_logps(model, [x.example for x in val], pad)[0], dtype=torch.float64)
             pol_kl = torch.tensor(example_logps(model, val_kl, pad)[0], dtype=torch.float64)
         losses, rewards, z0 = kto_loss(pol, val_ref, val_flags, pol_kl, val_ref_kl, cfg.beta, cfg.desirable_weight,
@@ -210,10 +211,11 @@ def run(cfg: KTOConfig) -> int:
         records = sorted({i for s in plan for m in s for i in m})
         pairs = sorted({(flat[k], flat[k - 1]) for s in plan for flat in [[i for m in s for i in m]]
                         for k in range(len(flat))})
-        lp = example_logps(model, [train[i].example for i in records], pad)[0] if records else []
-        ref_of.update(zip(records, lp))
-        kl_ex = [mismatched(tok, render, train, [i, j], seq_len)[0] for i, j in pairs]  # prompt i, completion j
-        ref_of.update(zip(pairs, example_logps(model, kl_ex, pad)[0] if kl_ex else []))
+        with eager():
+            lp = example_logps(model, [train[i].example for i in records], pad)[0] if records else []
+            ref_of.update(zip(records, lp))
+            kl_ex = [mismatched(tok, render, train, [i, j], seq_len)[0] for i, j in pairs]  # prompt i, completion j
+            ref_of.update(zip(pairs, example_logps(model, kl_ex, pad)[0] if kl_ex else []))
         runs.log(f"reference log-probs of {len(records)} records and {len(pairs)} KL pairs "
                  f"[{time.perf_counter() - t0:.1f}s]")
 
@@ -230,8 +232,12 @@ def run(cfg: KTOConfig) -> int:
                "method": "lora" if base.lora else "full", "beta": cfg.beta,
                "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
 
+    # compiled (past the break-even): the policy pass, the no-grad KL pass and (LoRA) the adapter-disabled
+    # reference pass, each a dynamic-shape graph compiled once
+    steps = budget.steps_at_least(2 * t.batch_size * t.grad_accum * seq_len)  # a step holds at most this many
+    maybe_compile(model, t.compile, rt.device, steps, t.max_time, runs.log, dynamic=True)
     metrics = MetricsWriter(run_dir, resume_step=step if resumed is not None else None, tensorboard=t.tensorboard)
-    peak = t.peak_flops or measure_peak_flops(rt.device, amp)
+    peak = peak_flops(rt.device, amp, t.peak_flops)
     # policy forward + backward, a no-grad forward of the KL pairs, and (LoRA) reference forwards of both
     flops_tok = flops_per_token_train(model.cfg, seq_len) * ((2 / 3 + 1 / 3 + 2 / 3) if base.lora else 4 / 3)
     monitor = Throughput(flops_tok, peak)

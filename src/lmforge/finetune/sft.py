@@ -199,7 +199,8 @@ def run(cfg: SFTConfig) -> int:
     budget = Budget.resolve(t, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
 
     # -- compile (batches vary in length: one dynamic-shape graph), optimizer; resume
-    maybe_compile(model, t.compile, rt.device, budget.horizon, t.max_time, runs.log, dynamic=True)
+    steps = budget.steps_at_least(t.batch_size * t.grad_accum * seq_len)  # a step holds at most this many tokens
+    maybe_compile(model, t.compile, rt.device, steps, t.max_time, runs.log, dynamic=True)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     step, tokens, train_tokens, seconds = 0, 0, 0, 0.0
     before: dict = {}

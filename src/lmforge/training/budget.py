@@ -58,6 +58,16 @@ class Budget:
         limits = [s for s in (steps, -(-tokens // tokens_per_step) if tokens and tokens_per_step else None) if s]
         return cls(steps, tokens, time, min(limits) if limits else None, train.warmup_steps)
 
+    def steps_at_least(self, max_tokens_per_step: int) -> int | None:
+        """A lower bound on the steps this budget runs: the horizon when known, else (a token budget whose steps
+        hold at most `max_tokens_per_step` tokens, as SFT's padded batches do) the token budget in full steps;
+        None when only time bounds the run. What the compile rule weighs (training/compile.py)."""
+        if self.horizon is not None:
+            return self.horizon
+        if self.max_tokens:
+            return math.ceil(self.max_tokens / max(1, max_tokens_per_step))
+        return None
+
     def steps_done(self, step: int) -> bool:
         """The step (or fixed-token) budget is spent; the same on every rank of a data-parallel run."""
         return self.horizon is not None and step >= self.horizon

@@ -11,7 +11,9 @@ When. `TrainConfig.compile` is None by default ("auto"): compile when the run's 
 break-even (`BREAK_EVEN_STEPS`): cold compile time / per-step gain, measured on the presets (docs/pretrain.md,
 "Compiled training"). The rule uses the configuration only, never a timing, so the same command always makes the
 same choice (and reproduces the same losses). A run bounded by time alone compiles when its limit exceeds
-`BREAK_EVEN_SECONDS`. --compile / --no-compile decide it outright.
+`BREAK_EVEN_SECONDS`. --compile / --no-compile decide it outright; without either, the environment variable
+LMFORGE_COMPILE=0 (or 1) does, for every run of the process and its children (the test suite sets 0, so only the
+tests that ask for compiling compile).
 
 On CPU Inductor needs a C++ compiler; without one, `compile_blocks` says so and leaves the model eager.
 """
@@ -26,10 +28,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-# Measured break-even points (docs/pretrain.md, "Compiled training"), conservative: the largest over the presets
-# measured (a bigger model gains more per step for the same compile time, so it breaks even sooner).
-BREAK_EVEN_STEPS = {"cpu": 150, "cuda": 300}
-BREAK_EVEN_SECONDS = {"cpu": 150.0, "cuda": 60.0}
+# Break-even points of a cold compile (docs/pretrain.md, "Compiled training"). CPU, measured on 2 cores with
+# benchmarks/bench_train.py: preset tiny 37 s compile / 98 ms saved per step = 383 steps, preset small 29 s /
+# 175 ms = 166 steps (a bigger model gains more per step for about the same compile time, so the smallest sets the
+# rule); about 210-220 s of eager training either way. With the cache warm it is ~3.5 s: 14-46 steps. CUDA: an
+# estimate until benchmarks/gpu_check.sh measures it (one block compiles in ~20-40 s; steps take ~0.1 s).
+BREAK_EVEN_STEPS = {"cpu": 400, "cuda": 1000}
+BREAK_EVEN_SECONDS = {"cpu": 240.0, "cuda": 300.0}
 
 
 def cpu_compiler() -> str | None:
@@ -48,6 +53,10 @@ def decide(pref: bool | None, device: torch.device, steps: int | None, seconds: 
     """
     if pref is not None:
         return bool(pref), "--compile" if pref else "--no-compile"
+    env = os.environ.get("LMFORGE_COMPILE", "").strip().lower()
+    if env in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        on = env in ("1", "true", "yes", "on")
+        return on, f"LMFORGE_COMPILE={env}"
     kind = device.type if device.type in BREAK_EVEN_STEPS else "cuda"
     if steps is not None:
         need = BREAK_EVEN_STEPS[kind]
