@@ -11,6 +11,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import preset
 from lmforge.model.lora import (
     LoRALinear,
+    SharedInput,
     apply_lora,
     lora_disabled,
     lora_settings,
@@ -115,6 +116,33 @@ def test_frozen_base_in_bf16_computes_what_autocast_did_and_merges_at_full_preci
     merge_lora(reference)
     with torch.no_grad():
         assert torch.equal(merged, reference(IDS))  # merged into the fp32 weights, not the bf16 copies
+
+
+def test_shared_input_adapters_compute_what_separate_ones_do():
+    grouped, separate = _model(), _model()
+    apply_lora(grouped, rank=4, alpha=8, seed=0)
+    apply_lora(separate, rank=4, alpha=8, seed=0)
+    attn = grouped.model.layers[0].self_attn
+    assert isinstance(attn.q_proj.shared, SharedInput) and attn.q_proj.shared is attn.v_proj.shared
+    assert grouped.model.layers[0].mlp.gate_proj.shared.members[1] is grouped.model.layers[0].mlp.up_proj
+    assert grouped.model.layers[0].mlp.down_proj.shared is None  # reads its own input
+    for _, m in separate.named_modules():
+        if isinstance(m, LoRALinear):
+            m.shared = None
+    _randomize_b(grouped)
+    _randomize_b(separate)
+    outs, grads = [], []
+    for model in (grouped, separate):
+        out = model(IDS)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().mean(), [p for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert attn.q_proj.shared.x is None  # the forward left no activation behind
+    # dropout: each projection draws its own mask, as PEFT does, so nothing is shared
+    drop = _model()
+    apply_lora(drop, rank=4, dropout=0.1)
+    assert drop.model.layers[0].self_attn.q_proj.shared is None
 
 
 def test_targets_as_the_command_line_gives_them():
