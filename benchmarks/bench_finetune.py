@@ -328,7 +328,8 @@ def main() -> None:
         base = args.base or str(make_base(Path(scratch) / "base", args.preset))
         # Large tensors always come from mmap and go back to the OS when freed, so a process's peak RSS follows
         # its live tensors instead of glibc's dynamic-threshold heap high-water mark.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", LMFORGE_CACHE=os.path.join(scratch, "cache"))
+        cache = os.path.join(scratch, "cache")  # (LMFORGE_COMPILE_CACHE: the compile cache's own root, where set)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", LMFORGE_CACHE=cache, LMFORGE_COMPILE_CACHE=cache)
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
         runs: dict[str, list[dict]] = {}
         for r in range(args.repeat):  # interleaved, so a noisy neighbour does not land on one variant only

@@ -188,7 +188,7 @@ def main() -> None:
                 q = wait_quiet(args.quiet_busy, args.max_wait) if args.max_wait > 0 else {}
                 with Watch() as w:
                     out = subprocess.run(base + ["--child", c], capture_output=True, text=True,
-                                         env=dict(env, LMFORGE_CACHE=cache))
+                                         env=dict(env, LMFORGE_CACHE=cache, LMFORGE_COMPILE_CACHE=cache))
                 if out.returncode != 0:
                     sys.exit(f"{c} failed:\n{out.stderr[-3000:]}")
                 res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -7,9 +7,9 @@ B starts at zero (A Kaiming-uniform), so a fresh adapter leaves the model's outp
 
 What lives here, and what does not:
 - here: the wrapper, `apply_lora` (which also groups the adapters of projections reading one input, q/k/v and
-  gate/up, so their down-projections run as one matmul: `SharedInput`), `merge_lora` (fold B A into W and restore plain nn.Linear), `lora_state_dict` /
-  `load_lora_state_dict` in lmforge's own names (`model.layers.0.self_attn.q_proj.lora_A`), `lora_settings` (rank,
-  alpha, dropout, targets), `lora_disabled(model)` (a context in which the adapters are bypassed: DPO's reference
+  gate/up, so their down-projections run as one matmul: `SharedInput`), `merge_lora` (fold B A into W and restore
+  plain nn.Linear), `lora_state_dict` / `load_lora_state_dict` in lmforge's own names
+  (`model.layers.0.self_attn.q_proj.lora_A`), `lora_settings` (rank, alpha, dropout, targets), `lora_disabled(model)` (a context in which the adapters are bypassed: DPO's reference
   model is the base without the adapter, with no second copy in memory), `trainable_parameters`, and
   `lower_frozen_base` / `restore_frozen_base` (the frozen base in bf16 for training under bf16 autocast, full
   precision again for merging).
@@ -100,6 +100,7 @@ class SharedInput:
     tensor, so the result is always what separate matmuls give. Only for adapters without dropout (PEFT draws an
     independent dropout mask per projection) and of one rank. A plain object, not a module: the model's
     parameters and state dict are unchanged. Used in eager mode; compiled graphs keep the separate matmuls.
+    It holds per-forward state, so one model must not run forwards from two threads at once (lmforge never does).
     """
 
     def __init__(self, members: list[LoRALinear]):

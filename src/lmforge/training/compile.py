@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from lmforge.model.compile_cache import use_compile_cache
 
 # Break-even points of a cold compile (docs/pretrain.md, "Compiled training"). CPU, measured on 2 cores with
 # benchmarks/bench_train.py: preset tiny 37 s compile / 98 ms saved per step = 383 steps, preset small 29 s /
@@ -79,8 +80,6 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, log: Callable[[
 
     Returns False (model unchanged) when compiling is not possible here.
     """
-    from lmforge.model.compile_cache import use_compile_cache
-
     if device.type == "cpu" and cpu_compiler() is None:
         log("note: compiling needs a C++ compiler on CPU (g++ or clang++; none found): training eagerly")
         return False
@@ -101,8 +100,6 @@ def maybe_compile(model: torch.nn.Module, pref: bool | None, device: torch.devic
         return False
     done = compile_blocks(model, device, log, dynamic=dynamic)
     if done:
-        from lmforge.model.compile_cache import use_compile_cache
-
         log(f"compiling the transformer blocks ({why}; --no-compile to train eagerly); cache "
             f"{use_compile_cache()}")
     return done
@@ -110,6 +107,4 @@ def maybe_compile(model: torch.nn.Module, pref: bool | None, device: torch.devic
 
 def eager() -> Any:
     """A context in which compiled blocks run eagerly (evaluation, sampling: shapes training never sees)."""
-    import torch
-
     return torch.compiler.set_stance("force_eager")
