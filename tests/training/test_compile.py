@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.model.compile_cache import cache_root, use_compile_cache
-from lmforge.training.compile import BREAK_EVEN_SECONDS, BREAK_EVEN_STEPS, cpu_compiler, decide
+from lmforge.training.compile import (
+    BREAK_EVEN_SECONDS,
+    BREAK_EVEN_STEPS,
+    cpu_compiler,
+    decide,
+    training_cache,
+)
 from tests.finetune.fixtures import one_thread, tiny_base  # noqa: F401  (one_thread: autouse)
 
 CPU = torch.device("cpu")
@@ -34,19 +39,16 @@ def test_the_flag_wins_and_auto_weighs_the_budget(monkeypatch):
     assert decide(None, CPU, 1)[0]
 
 
-def test_the_cache_lives_in_lmforges_folder_unless_torch_is_told_otherwise(monkeypatch, tmp_path):
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "lm"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch._inductor sets
-    assert cache_root() == tmp_path / "lm"
-    assert use_compile_cache() == tmp_path / "lm" / "inductor" and (tmp_path / "lm" / "inductor").is_dir()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "lm" / "inductor")
+def test_training_compiles_into_lmforges_cache_unless_torch_is_told_otherwise(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path / "cc"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    d = training_cache(CPU, dynamic=True)
+    assert d.is_dir() and d.is_relative_to(tmp_path / "cc") and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(d)
+    key = json.loads((d / "key.json").read_text())
+    assert key["kind"] == "train" and key["device"] == "cpu" and key["dynamic"] is True
+    assert training_cache(CPU, dynamic=False) != d  # static and dynamic graphs live apart
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
-    assert use_compile_cache() == tmp_path / "mine"
-    monkeypatch.delenv("LMFORGE_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_root() == tmp_path / "xdg" / "lmforge"
+    assert training_cache(CPU, dynamic=True) == tmp_path / "mine"
 
 
 def _losses(run):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +73,13 @@ def decide(pref: bool | None, device: torch.device, steps: int | None, seconds: 
     return False, "no step or time budget to weigh compiling against"
 
 
+def training_cache(device: torch.device, dynamic: bool | None) -> Path:
+    """Point Inductor's caches at lmforge's compile cache, training's own folder (model/compile_cache.py: kind
+    'train', the device type, dynamic shapes or not); returns the folder (a TORCHINDUCTOR_CACHE_DIR the user set
+    wins)."""
+    return use_compile_cache(kind="train", device=device.type, dynamic=bool(dynamic))
+
+
 def compile_blocks(model: torch.nn.Module, device: torch.device, log: Callable[[str], None],
                    dynamic: bool | None = None) -> bool:
     """Compile every transformer block of `model` (a Transformer, or a wrapper whose .module is one) in place,
@@ -83,7 +91,7 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, log: Callable[[
     if device.type == "cpu" and cpu_compiler() is None:
         log("note: compiling needs a C++ compiler on CPU (g++ or clang++; none found): training eagerly")
         return False
-    use_compile_cache()
+    training_cache(device, dynamic)
     inner = getattr(model, "module", model)
     for block in inner.model.layers:
         block.compile(dynamic=dynamic)
@@ -101,7 +109,7 @@ def maybe_compile(model: torch.nn.Module, pref: bool | None, device: torch.devic
     done = compile_blocks(model, device, log, dynamic=dynamic)
     if done:
         log(f"compiling the transformer blocks ({why}; --no-compile to train eagerly); cache "
-            f"{use_compile_cache()}")
+            f"{training_cache(device, dynamic)}")
     return done
 
 
