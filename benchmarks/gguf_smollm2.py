@@ -41,9 +41,10 @@ def main() -> int:
     import transformers
 
     from lmforge import checkpoint
-    from lmforge.inference.convert import export_gguf, import_gguf
+    from lmforge.inference.convert import export_gguf
     from lmforge.inference.engine import Engine
     from lmforge.inference.generate import chat_ids
+    from lmforge.inference.gguf_import import import_gguf
     from lmforge.inference.load import packaged_gguf
     from lmforge.inference.sampling import SamplingParams
 

@@ -67,7 +67,7 @@ def smollm2_file():
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_file, tmp_path_factory):
     """The SmolLM2 GGUF imported by lmforge (float32), once per session."""
-    from lmforge.inference.convert import import_gguf
+    from lmforge.inference.gguf_import import import_gguf
 
     return import_gguf(smollm2_file, tmp_path_factory.mktemp("smollm2") / "model")
 

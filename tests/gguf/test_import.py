@@ -10,7 +10,7 @@ import torch
 
 from lmforge import checkpoint, gguf
 from lmforge.errors import LmforgeError
-from lmforge.inference.convert import import_gguf
+from lmforge.inference.gguf_import import import_gguf
 from tests.gguf.shared import SAMPLE
 
 pytest.importorskip("transformers")

