@@ -103,9 +103,11 @@ VARIANTS=(--variant prompt="$BASE" --variant fewshot="$BASE",shots=3 --variant r
 # multiple choice by log-likelihood: accuracy with Wilson intervals and paired tests
 lmforge compare --task "$D/data/heldout-mc.jsonl" --metric choice --limit "$MC_ITEMS" "${VARIANTS[@]}" \
   --threads 2 --timing-items 3 --timing-passes 1 --usd-per-hour 0.10 --out "$D/compare-mc"
-# the same questions answered in words, scored by ROUGE-L against the reference answer; prices a real query
+# the same questions answered in words, scored by ROUGE-L against the reference answer; prices a real query.
+# --no-compile: a cold compile of SmolLM2's decode step takes ~2 minutes per model, more than these short answers
+# take eagerly (a server that runs for hours compiles: lmforge serve does by default)
 lmforge compare --task "$D/data/heldout-qa.jsonl" --metric rougel --limit "$QA_ITEMS" --max-new-tokens 32 \
-  "${VARIANTS[@]}" --threads 2 --timing-items 3 --timing-passes 1 --usd-per-hour 0.10 --out "$D/compare-qa"
+  "${VARIANTS[@]}" --no-compile --threads 2 --timing-items 3 --timing-passes 1 --usd-per-hour 0.10 --out "$D/compare-qa"
 
 step "10/11 plan: the decision"
 lmforge plan decide --compare "$D/compare-mc" --compare "$D/compare-qa" --finetune lora="$D/lora" \
@@ -115,8 +117,8 @@ step "11/11 answer: ask the recommended option"
 WINNER="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["recommended"])' "$D/decision.json")"
 echo "recommended: $WINNER; asking it: $QUESTION" >&2
 case "$WINNER" in
-  rag)      echo "$QUESTION" | lmforge chat --model "$BASE" --rag "$D/index" --rag-top-k 2 --temperature 0 --max-new-tokens 64 ;;
-  lora-rag) echo "$QUESTION" | lmforge chat --model "$D/lora/final" --rag "$D/index" --rag-top-k 2 --temperature 0 --max-new-tokens 64 ;;
+  rag)      echo "$QUESTION" | lmforge chat --model "$BASE" --rag "$D/index" --rag-top-k 2 --temperature 0 --max-new-tokens 64 --no-compile ;;
+  lora-rag) echo "$QUESTION" | lmforge chat --model "$D/lora/final" --rag "$D/index" --rag-top-k 2 --temperature 0 --max-new-tokens 64 --no-compile ;;
   lora)     lmforge generate --model "$D/lora/final" --chat --temperature 0 --max-new-tokens 64 --prompt "$QUESTION" ;;
   *)        lmforge generate --model "$BASE" --chat --temperature 0 --max-new-tokens 64 --prompt "$QUESTION" ;;
 esac
