@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmforge.errors import LmforgeError
 
 
@@ -90,8 +92,6 @@ class EvalModel:
         few-shot context, 4-way multiple choice runs about 3-4x faster than scoring each choice from scratch.
         When context + continuation is longer than the model's context, the context loses its oldest tokens.
         """
-        import torch
-
         if not continuations or any(not c for c in continuations):
             raise LmforgeError("every continuation needs at least one token")
         longest = max(len(c) for c in continuations)

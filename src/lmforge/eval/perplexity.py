@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 
@@ -76,8 +78,6 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 def sliding_nll(model, ids, window: int, stride: int, batch_size: int = 4, device: str = "cpu",
                 advance=None) -> tuple[float, int]:
     """(sum of -log p(token | window context) over scored tokens, number of scored tokens) for token ids `ids`."""
-    import torch
-
     ids = torch.as_tensor(ids, dtype=torch.long)
     spans = windows(len(ids), window, stride)
     total, count = 0.0, 0

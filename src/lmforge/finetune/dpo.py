@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.config import opt
 from lmforge.data.preference import Pair, load_preferences, pair_examples
 from lmforge.data.sft import ExampleLoader, collate
@@ -115,8 +117,6 @@ def visited_pairs(loader: ExampleLoader, micro_batches: int) -> set[int]:
 def policy_logps(model: Any, pairs: list[Pair], idx: list[int], pad: int, device: Any,
                  average: bool) -> tuple[Any, Any, int]:
     """log pi(chosen), log pi(rejected) [n] for pairs idx in one forward over 2n rows; and the tokens it ran."""
-    import torch
-
     from lmforge.finetune.losses import sequence_logps
 
     examples, rows = pair_examples(pairs, idx)
@@ -129,8 +129,6 @@ def policy_logps(model: Any, pairs: list[Pair], idx: list[int], pad: int, device
 
 
 def run(cfg: DPOConfig) -> int:
-    import torch
-
     from lmforge.finetune.heldout import mc_accuracy, mc_examples, pair_logps
     from lmforge.finetune.losses import dpo_loss, preference_stats
     from lmforge.model.accounting import flops_per_token_train

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.config import opt
 from lmforge.data.preference import load_unpaired, mismatched
 from lmforge.data.sft import Example, ExampleLoader, collate
@@ -110,8 +112,6 @@ def logps(model: Any, examples: list[Example], pad: int, device: Any) -> Any:
 
 
 def run(cfg: KTOConfig) -> int:
-    import torch
-
     from lmforge.data.sft import chat_renderer
     from lmforge.finetune.heldout import example_logps
     from lmforge.finetune.losses import kto_loss, kto_stats

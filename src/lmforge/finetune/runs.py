@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge import checkpoint as ckpt
 from lmforge.errors import LmforgeError
 from lmforge.finetune.weights import Base
@@ -39,8 +41,6 @@ def open_run(cfg: Any, lora: bool) -> tuple[Runtime, Path, str, rundir.Resumed |
     checkpoint to resume (its trainer state and weights already read, damaged ones skipped), and the seeds.
     Returns (runtime, run_dir, checkpoint kind, resumed or None), or None when this exact run already finished
     (its result is printed, as a finished run's result)."""
-    import torch
-
     from lmforge.training import distributed
 
     t = cfg.train
@@ -89,8 +89,6 @@ def scores_line(scores: dict) -> str:
 
 def peak_memory_bytes(device: Any) -> int:
     """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
-    import torch
-
     if getattr(device, "type", "cpu") == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.config import opt
 from lmforge.data.sft import SFT_FORMATS, ExampleLoader, ReadStats, collate, load_sft
 from lmforge.data.split import holdout_split
@@ -145,8 +147,6 @@ def samples(model: Any, tokenizer: Any, val: list, n: int, max_tokens: int) -> l
 
 # ---- the recipe -------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig) -> int:
-    import torch
-
     from lmforge.data.sft import chat_renderer
     from lmforge.finetune.heldout import mc_examples as build_mc
     from lmforge.model.accounting import flops_per_token_train

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.config import opt
 from lmforge.errors import LmforgeError
 from lmforge.model.lora import DEFAULT_TARGETS
@@ -62,8 +64,6 @@ def load_base(path: str, lora: LoraOptions, seed: int, device: Any, chat_templat
     (model/lora.py: lower_frozen_base): what autocast computes anyway, without casting them at every step;
     `save_final` merges into the base's full-precision weights.
     """
-    import torch
-
     from lmforge import checkpoint
     from lmforge.model.lora import (
         apply_lora,
@@ -121,8 +121,6 @@ def save_final(base: Base, model: Any, run_dir: Path, lineage: dict, merge: bool
     With LoRA and merge, the adapter is folded into `model` in place after adapter/ is written (no second copy of
     the weights); the merged model computes what the adapted one did.
     """
-    import torch
-
     from lmforge import checkpoint
     from lmforge.model.lora import lora_modules, merge_lora, restore_frozen_base
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.errors import LmforgeError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -108,8 +110,6 @@ def load(path: str | Path, *, dtype: str = "float32", quantize: str | None = Non
     Raises LmforgeError with what to fix.
     """
     import time
-
-    import torch
 
     from lmforge import checkpoint
     from lmforge.model.quantize import quantize as apply_quantization

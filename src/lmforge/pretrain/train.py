@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
 from lmforge import checkpoint as ckpt
 from lmforge.config import opt, to_dict
 from lmforge.data.shards import TokenLoader, TokenShards, validation_batches
@@ -121,18 +123,16 @@ def run(cfg: PretrainConfig, on_step: Callable[[int, dict], bool | None] | None 
 
     on_step(step, record) is called after every optimizer step; returning True stops the run like Ctrl-C.
     """
-    import torch
-
     t = cfg.train
     rt = setup(t.device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rt.is_main else (lambda msg: None)
     try:
-        return _run(cfg, t, rt, log, on_step, torch)
+        return _run(cfg, t, rt, log, on_step)
     finally:
         cleanup()
 
 
-def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step, torch) -> int:
+def _run(cfg: PretrainConfig, t: TrainConfig, rt: Runtime, log, on_step) -> int:
     from lmforge.model.accounting import flops_per_token_train, n_params, param_counts
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer import Tokenizer

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from fastapi import APIRouter, Depends, Request
 
 from lmforge.errors import LmforgeError
@@ -164,8 +165,6 @@ async def list_checkpoints(request: Request, job_id: str):
 # ---- hot-load ----------------------------------------------------------------------------------------------
 def load_finetuned(job: dict, served: dict[str, LoadedModel]) -> LoadedModel:
     """A succeeded job's model: its adapter merged into a copy of its base, loaded as the base is served."""
-    import torch
-
     from lmforge.inference.load import load
 
     base = Path(job["base_path"])

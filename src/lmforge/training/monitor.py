@@ -11,11 +11,8 @@ which is what the hardware actually delivers to this process (on a shared 2-core
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-
+import torch
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name(); first match
 # wins, so the more specific names come first. The same datasheet figures as lmforge/plan/prices.yaml's GPUs.
@@ -40,8 +37,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None, configured: floa
     if configured:
         return configured
     if device.type == "cuda" and dtype is not None:
-        import torch
-
         known = datasheet_peak(torch.cuda.get_device_name(device))
         if known:
             return known
@@ -51,8 +46,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None, configured: floa
 def measure_peak_flops(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None,
                        seconds: float = 0.5) -> float:
     """Best observed FLOP/s of a [size x size] @ [size x size] matmul in `dtype` (fp32 when None) on `device`."""
-    import torch
-
     dtype = dtype or torch.float32
     size = size or (8192 if device.type == "cuda" else 2048)
     g = torch.Generator(device=device).manual_seed(0)  # private: the training RNG stream stays untouched
@@ -84,8 +77,6 @@ def fastest_thread_count(max_threads: int | None = None, seconds: float = 0.3) -
     for the descheduled thread: measured 2-8x on this project's 2-core box); on an idle one they are faster.
     The op mix is small matmuls plus elementwise work, the shape of a small model's step.
     """
-    import torch
-
     n = max_threads or torch.get_num_threads()
     if n <= 1:
         return 1

@@ -48,16 +48,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import save_config, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.training.distributed import Runtime, barrier, full_model_state, full_optimizer_state, unwrap
 from lmforge.training.state import rng_state
-
-if TYPE_CHECKING:
-    import torch
 
 MODEL, ADAPTER = "model", "adapter"
 _NAMES = {MODEL: "full-model", ADAPTER: "LoRA adapter"}

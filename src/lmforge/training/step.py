@@ -19,12 +19,11 @@ forward, so `fused=False` takes the plain path (logits from the model, then F.cr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
+import torch.nn.functional as F
 
 from lmforge.data import IGNORE_INDEX
 
-if TYPE_CHECKING:
-    import torch
 DEFAULT_CHUNK = 512  # tokens per chunk of the fused loss: [512, V] fp32 log-probs at a time (fastest on CPU)
 GPU_CHUNK_BYTES = 2**28  # on a GPU, chunks of up to 256 MB of fp32 log-probs: few launches, no host syncs
 
@@ -56,64 +55,54 @@ def loss_scale(total_targets: int, world_size: int = 1) -> float:
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Summed token cross-entropy of logits [..., V] against targets [...], in fp32."""
-    import torch.nn.functional as F
-
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
                            reduction="sum")
 
 
-def _linear_ce_function():
-    import torch
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), chunked, with gradients computed in forward."""
 
-    class LinearCrossEntropy(torch.autograd.Function):
-        """sum_i CE(hidden_i @ weight.T, target_i), chunked, with gradients computed in forward."""
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk, compute_dtype):
+        n = hidden.shape[0]
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        on_cpu = hidden.device.type == "cpu"
+        for s in range(0, n, chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            valid = tc != ignore_index
+            # on CPU, skipping the masking when every target counts is cheaper than the check; on a GPU the
+            # check would stall the stream (a host sync per chunk), so the chunk is always masked
+            all_valid = bool(valid.all()) if on_cpu else False
+            safe = tc if all_valid else tc.masked_fill(~valid, 0)
+            # log-softmax straight from the compute-dtype logits: one read, one fp32 write
+            logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # c V
+            picked = logp.gather(1, safe[:, None]).squeeze(1)
+            total -= picked.sum() if all_valid else (picked * valid).sum()
+            if want_h or want_w:
+                g = logp.exp_()  # softmax, in place
+                g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
+                if not all_valid:
+                    g.mul_(valid[:, None])
+                g = g.to(compute_dtype)
+                if want_h:
+                    grad_h[s:s + chunk] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
 
-        @staticmethod
-        def forward(ctx, hidden, weight, targets, ignore_index, chunk, compute_dtype):
-            n = hidden.shape[0]
-            h = hidden.to(compute_dtype)
-            w = weight.to(compute_dtype)
-            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            grad_h = torch.empty_like(h) if want_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            on_cpu = hidden.device.type == "cpu"
-            for s in range(0, n, chunk):
-                hc, tc = h[s:s + chunk], targets[s:s + chunk]
-                valid = tc != ignore_index
-                # on CPU, skipping the masking when every target counts is cheaper than the check; on a GPU the
-                # check would stall the stream (a host sync per chunk), so the chunk is always masked
-                all_valid = bool(valid.all()) if on_cpu else False
-                safe = tc if all_valid else tc.masked_fill(~valid, 0)
-                # log-softmax straight from the compute-dtype logits: one read, one fp32 write
-                logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # c V
-                picked = logp.gather(1, safe[:, None]).squeeze(1)
-                total -= picked.sum() if all_valid else (picked * valid).sum()
-                if want_h or want_w:
-                    g = logp.exp_()  # softmax, in place
-                    g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
-                    if not all_valid:
-                        g.mul_(valid[:, None])
-                    g = g.to(compute_dtype)
-                    if want_h:
-                        grad_h[s:s + chunk] = g @ w
-                    if want_w:
-                        grad_w += (g.t() @ hc).float()
-            ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
-            ctx.dtypes = (hidden.dtype, weight.dtype)
-            return total
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            grad_h, grad_w = ctx.saved_tensors
-            gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
-            gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-            return gh, gw, None, None, None, None
-
-    return LinearCrossEntropy
-
-
-_FN = None
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -124,16 +113,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     `chunk_size` for the device). Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as
     autocast would do them.
     """
-    import torch
-
-    global _FN
-    if _FN is None:
-        _FN = _linear_ce_function()
     dev = hidden.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     chunk = chunk or chunk_size(dev, weight.shape[0])
     with torch.autocast(dev, enabled=False):
-        return _FN.apply(hidden.flatten(0, -2), weight, targets.flatten(), ignore_index, chunk, compute)
+        return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), ignore_index, chunk, compute)
 
 
 def lm_loss_sum(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -156,8 +140,6 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 
     Works for plain, DDP and FSDP2 models (torch computes the norm over sharded DTensor gradients).
     """
-    import torch
-
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
