@@ -15,12 +15,14 @@ holds optimizer dicts, uses torch.save and is read back with weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,17 +172,26 @@ def _weight_files(p: Path) -> list[Path]:
     raise LmforgeError(f"{p} has no model.safetensors (nor model.safetensors.index.json)")
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _tensor_reader(files: list[Path], stack: contextlib.ExitStack) -> Callable[[str], torch.Tensor]:
+    """name -> that tensor read from whichever file holds it (one tensor at a time: nothing else is read)."""
+    from safetensors import SafetensorError, safe_open
 
-    state = {}
+    where: dict[str, tuple[Path, Any]] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            h = stack.enter_context(safe_open(str(f), framework="pt"))
+            where.update((k, (f, h)) for k in h.keys())
         except (SafetensorError, OSError, ValueError) as e:
             raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
-    return state
+
+    def read(name: str) -> torch.Tensor:
+        f, h = where[name]
+        try:
+            return h.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+
+    return read
 
 
 # Host memory the Python objects of one layer's modules take (measured: ~70 kB per Block on the meta device), so
@@ -251,13 +262,15 @@ def _file_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return found
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               each_layer: Callable[[torch.nn.Module], None] | None = None) -> Transformer:
     """Load a HF directory of the Llama/Mistral/Qwen2 families into lmforge's Transformer (eval mode).
 
     In order, so that a bad directory costs nothing: config.json is validated, the memory it implies is checked
     against what the machine has free, the tensor names and shapes in the safetensors headers are checked against
     the config, and only then are tensors read and the model built (on the meta device, taking the read tensors
-    as its parameters rather than copying them).
+    as its parameters rather than copying them). `each_layer(block)` runs on every decoder block as soon as its
+    weights are in (inference fuses and quantizes there, so an int8 load never holds the fp32 model).
     """
     import torch
 
@@ -284,13 +297,25 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         if found[k] != shape:
             raise LmforgeError(f"{where}: tensor {k} has shape {found[k]} but config.json implies "
                                f"{shape}; config and weights do not match")
-    state = _read_tensors(files)
-    target = dtype or state["model.embed_tokens.weight"].dtype
-    # one tensor at a time: peak memory is the files' tensors plus one converted tensor, not two whole models
-    weights = {k: state.pop(k).to(device=device, dtype=target) for k in list(expected)}
+    # built on the meta device and filled a layer at a time, each tensor read, converted and assigned alone: peak
+    # memory is the model plus one tensor in the file's dtype; `each_layer` (quantization, for one) runs on every
+    # layer once its weights are in, so the whole model never exists at this dtype
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(weights, strict=False, assign=True)
+    with contextlib.ExitStack() as stack:
+        read = _tensor_reader(files, stack)
+        target = dtype or read("model.embed_tokens.weight").dtype
+
+        def weights(names: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): read(k).to(device=device, dtype=target) for k in names}
+
+        layer_names = [[k for k in expected if k.startswith(f"model.layers.{i}.")] for i in range(cfg.n_layers)]
+        model.load_state_dict(weights([k for k in expected if not k.startswith("model.layers.")]), strict=False,
+                              assign=True)
+        for i, layer in enumerate(model.model.layers):
+            layer.load_state_dict(weights(layer_names[i], f"model.layers.{i}."), strict=False, assign=True)
+            if each_layer is not None:
+                each_layer(layer)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
@@ -582,7 +607,13 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
     if not f.is_file():
         raise LmforgeError(f"{p} has no {ADAPTER_WEIGHTS}; a PEFT adapter directory holds {ADAPTER_CONFIG} and "
                            f"{ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
-    raw = _read_tensors([f])
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
     state = {}
     for k, v in raw.items():
         name = k.removeprefix(_PEFT_PREFIX).replace(".default.", ".")  # older PEFT kept the adapter name
