@@ -27,13 +27,15 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serve import free_port, level  # noqa: E402  (the same streaming client and levels)
 
 ROWS: list[dict] = []
 FAILED: list[str] = []
@@ -227,50 +229,6 @@ def sft(a, work: Path, base: Path) -> None:
     row("sft-lora", "loss", f"{losses[0]:.2f} -> {losses[-1]:.2f}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _one(client, url: str, body: dict) -> tuple[float, float, int]:
-    t0 = time.perf_counter()
-    first, tokens = None, 0
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and first is None and chunk["choices"][0].get("text"):
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    first = first or end
-    return first - t0, end - first, tokens
-
-
-async def _level(url: str, streams: int, seconds: float, body: dict) -> dict:
-    import httpx
-
-    done: list[tuple[float, float, int]] = []
-    deadline = time.perf_counter() + seconds
-
-    async def loop(client):
-        while time.perf_counter() < deadline:
-            done.append(await _one(client, url, body))
-
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + 4)) as client:
-        t = time.perf_counter()
-        await asyncio.gather(*(loop(client) for _ in range(streams)))
-        wall = time.perf_counter() - t
-    total = sum(d[2] for d in done)
-    return {"streams": streams, "requests": len(done), "tokens_per_s": total / wall,
-            "ttft_ms": 1e3 * statistics.mean(d[0] for d in done) if done else float("nan"),
-            "stream_tokens_per_s": statistics.mean((d[2] - 1) / d[1] for d in done if d[1] > 0) if done else 0.0}
-
-
 @stage("serve")
 def serve(a, work: Path, model: Path, info: dict) -> None:
     import httpx
@@ -305,20 +263,20 @@ def serve(a, work: Path, model: Path, info: dict) -> None:
         body = {"model": "m", "prompt": "def parse_args(argv):\n", "max_tokens": new, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         url = base + "/v1/completions"
-        asyncio.run(_level(url, 1, 2.0 if a.cpu_smoke else 5.0, body))  # warm-up (and compile)
+        asyncio.run(level(url, 1, 2.0 if a.cpu_smoke else 5.0, body))  # warm-up (and compile)
         cfg = checkpoint.load_model(model).cfg
         for n in levels:
-            r = asyncio.run(_level(url, n, a.serve_seconds, body))
+            r = asyncio.run(level(url, n, a.serve_seconds, body))
             if n == 1:
                 bound = ""
                 if info.get("bandwidth"):
                     per_token = decode_bytes_per_token(cfg, bytes_per_param=2, context=new // 2)
                     limit = info["bandwidth"] / per_token
-                    bound = f"of {limit:,.0f} tokens/s HBM bound ({r['stream_tokens_per_s'] / limit:.1%})"
-                row("decode", "1 stream tokens/s", f"{r['stream_tokens_per_s']:,.0f}", bound=bound,
-                    note=f"bf16, {new} new tokens, TTFT {r['ttft_ms']:.0f} ms")
-            row("serve", f"{n} streams", f"{r['tokens_per_s']:,.0f} tokens/s total",
-                note=f"{r['requests']} requests, TTFT {r['ttft_ms']:.0f} ms, {r['stream_tokens_per_s']:.0f}/stream")
+                    bound = f"of {limit:,.0f} tokens/s HBM bound ({r['mean_stream_tokens_per_s'] / limit:.1%})"
+                row("decode", "1 stream tokens/s", f"{r['mean_stream_tokens_per_s']:,.0f}", bound=bound,
+                    note=f"bf16, {new} new tokens, TTFT {r['mean_ttft_ms']:.0f} ms")
+            row("serve", f"{n} streams", f"{r['total_tokens_per_s']:,.0f} tokens/s total",
+                note=f"{r['requests']} requests, TTFT {r['mean_ttft_ms']:.0f} ms, {r['mean_stream_tokens_per_s']:.0f}/stream")
     finally:
         server.terminate()
         try:
