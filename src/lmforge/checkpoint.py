@@ -172,8 +172,18 @@ def _weight_files(p: Path) -> list[Path]:
     raise LmforgeError(f"{p} has no model.safetensors (nor model.safetensors.index.json)")
 
 
-def _tensor_reader(files: list[Path], stack: contextlib.ExitStack) -> Callable[[str], torch.Tensor]:
-    """name -> that tensor read from whichever file holds it (one tensor at a time: nothing else is read)."""
+def _damaged(f: Path, e: Exception) -> LmforgeError:
+    return LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it")
+
+
+# safetensors' header names for the dtypes a checkpoint may store
+_HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _tensor_reader(files: list[Path], stack: contextlib.ExitStack
+                   ) -> tuple[Callable[[str], torch.Tensor], Callable[[str], torch.dtype]]:
+    """(read, dtype_of): a tensor read from whichever file holds it (one tensor at a time: nothing else is read),
+    and a tensor's dtype from the file's header (no data read)."""
     from safetensors import SafetensorError, safe_open
 
     where: dict[str, tuple[Path, Any]] = {}
@@ -182,16 +192,22 @@ def _tensor_reader(files: list[Path], stack: contextlib.ExitStack) -> Callable[[
             h = stack.enter_context(safe_open(str(f), framework="pt"))
             where.update((k, (f, h)) for k in h.keys())
         except (SafetensorError, OSError, ValueError) as e:
-            raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+            raise _damaged(f, e) from None
 
     def read(name: str) -> torch.Tensor:
         f, h = where[name]
         try:
             return h.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
-            raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+            raise _damaged(f, e) from None
 
-    return read
+    def dtype_of(name: str) -> torch.dtype:
+        import torch
+
+        known = _HEADER_DTYPES.get(where[name][1].get_slice(name).get_dtype())
+        return getattr(torch, known) if known else read(name).dtype
+
+    return read, dtype_of
 
 
 # Host memory the Python objects of one layer's modules take (measured: ~70 kB per Block on the meta device), so
@@ -258,7 +274,7 @@ def _file_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
                 for k in h.keys():
                     found[k] = tuple(h.get_slice(k).get_shape())
         except (SafetensorError, OSError, ValueError) as e:
-            raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+            raise _damaged(f, e) from None
     return found
 
 
@@ -303,8 +319,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     with torch.device("meta"):
         model = Transformer(cfg)
     with contextlib.ExitStack() as stack:
-        read = _tensor_reader(files, stack)
-        target = dtype or read("model.embed_tokens.weight").dtype
+        read, dtype_of = _tensor_reader(files, stack)
+        target = dtype or dtype_of("model.embed_tokens.weight")
 
         def weights(names: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
             return {k.removeprefix(prefix): read(k).to(device=device, dtype=target) for k in names}
@@ -613,7 +629,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
     try:
         raw = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
-        raise LmforgeError(f"{f} cannot be read ({e}); the file is truncated or damaged: re-save or re-download it") from None
+        raise _damaged(f, e) from None
     state = {}
     for k, v in raw.items():
         name = k.removeprefix(_PEFT_PREFIX).replace(".default.", ".")  # older PEFT kept the adapter name
