@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import free_port, make_model  # noqa: E402
+from bench_serve import free_port, make_model, wait_ready  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,16 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen(cmd)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 180
-            while True:
-                try:
-                    if httpx.get(base + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not become ready")
-                time.sleep(0.2)
+            wait_ready(base, server, 180)
             client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
             http = httpx.Client(timeout=600)
             phase(client, http, base, 3)  # warm-up

@@ -53,6 +53,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, server: subprocess.Popen, seconds: float) -> None:
+    """Until GET /health answers 200; SystemExit if the server exits or `seconds` pass first."""
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            raise SystemExit("the server did not become ready")
+        time.sleep(0.2)
+
+
 async def one_request(client, url: str, body: dict) -> tuple[float, float, int]:
     """(ttft s, decode s, completion tokens) of one streamed completion."""
     t0 = time.perf_counter()
@@ -125,16 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen(cmd)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 1800  # a cold compile of the decode step takes minutes
-            while True:
-                try:
-                    if httpx.get(base + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not become ready")
-                time.sleep(0.2)
+            wait_ready(base, server, 1800)  # a cold compile of the decode step takes minutes
             print(f"ready after {time.time() - t_start:.1f} s", file=sys.stderr)
             time.sleep(float(os.environ.get("BENCH_SERVE_SETTLE", "0")))  # let background compiles finish
             body = {"model": "m", "prompt": "def parse_args(argv):\n    \"\"\"Parse the command line.\"\"\"\n",
