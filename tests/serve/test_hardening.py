@@ -103,6 +103,32 @@ def test_unparseable_or_mistyped_bodies_are_400s(live, body, code, param):
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["param"] == param
 
 
+NOT_IMPLEMENTED = [  # (route, field, a value that asks for something, a value that asks for nothing)
+    ("/v1/completions", "logit_bias", {"5": 100}, {}),
+    ("/v1/completions", "best_of", 2, 1),
+    ("/v1/completions", "suffix", " end", ""),
+    ("/v1/chat/completions", "logit_bias", {"5": -100}, None),
+    ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}], None),
+    ("/v1/chat/completions", "function_call", "auto", None),
+    ("/v1/chat/completions", "modalities", ["text", "audio"], ["text"]),
+    ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}, None),
+    ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}, None),
+    ("/v1/chat/completions", "web_search_options", {}, None),
+]
+
+
+@pytest.mark.parametrize("route,field,asks,harmless", NOT_IMPLEMENTED)
+def test_fields_that_would_change_the_reply_are_refused_not_ignored(live, route, field, asks, harmless):
+    body = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+    body.update({"prompt": "The quick"} if route == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "Hi"}]})
+    r = httpx.post(live.url + route, json={**body, field: asks}, headers=KEY, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["code"] == "invalid_value" and "does not implement" in err["message"]
+    assert httpx.post(live.url + route, json={**body, field: harmless}, headers=KEY, timeout=60).status_code == 200
+
+
 def test_nan_logits_never_reach_the_wire(model_dirs):
     """A model whose weights hold NaN (a broken adapter or checkpoint): logprobs are null, never NaN literals."""
     base, _ = model_dirs

@@ -52,7 +52,7 @@ SAMPLING = {
     "ignore_eos": [False, True, "no"],
     "stop_token_ids": [None, [], [1, 2], [10**6], [-1], [1.5], "x", list(range(100))],
     "user": ["someone", 5],
-    "logit_bias": [{"5": 100}, "x"],  # OpenAI's, not supported: ignored
+    "logit_bias": [{}, {"5": 100}, "x"],  # OpenAI's, not implemented: refused unless empty
     "not_a_field": [1, {"deep": [[[]]]}],
 }
 COMPLETION = {

@@ -7,7 +7,11 @@ defaults). Leaves to openai.py the defaults that depend on the model (max_tokens
 inference/sampling.py what the values mean, and to reply.py the responses (plain dicts in OpenAI's shape).
 A new request field is declared here and read where it is used.
 
-Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, `metadata`, ...). Beyond
+Fields that only label a request (`user`, `metadata`, ...) are ignored, as OpenAI-compatible servers do; OpenAI
+fields that would change the reply and that lmforge does not implement (`logit_bias`, `best_of`, `suffix`, the
+legacy `functions` / `function_call`, `audio`, `modalities` other than text, `prediction`,
+`web_search_options`) are a 400 naming the field when given a value that asks for something, never accepted
+and ignored. Beyond
 OpenAI's fields: vLLM's sampling extras top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, and
 vLLM's `structured_outputs` object (json / regex / choice / grammar / json_object; its current form, which
 replaced the older guided_json, guided_regex, ... fields) on both generation routes.
@@ -28,6 +32,13 @@ from lmforge.inference.sampling import SamplingParams
 # strict: JSON types as they are (no "1" for 1, no 1.0 for an int, no true for a number); no NaN or Infinity
 _STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 INT64 = 2**63 - 1
+
+
+def _not_implemented(name: str, value: Any, harmless: tuple = (None,), instead: str = "") -> Any:
+    """`value` if it asks for nothing lmforge would have to do; else the ValueError of a field we do not honour."""
+    if any(value == h and type(value) is type(h) for h in harmless):
+        return value
+    raise ValueError(f"lmforge does not implement '{name}'{instead}; remove it from the request")
 
 
 class StreamOptions(BaseModel):
@@ -56,6 +67,13 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=64)
+    # OpenAI's, not implemented: refused unless empty
+    logit_bias: Any = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: Any) -> Any:
+        return _not_implemented("logit_bias", v, (None, {}))
 
     @field_validator("stop")
     @classmethod
@@ -174,6 +192,20 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # OpenAI's, not implemented: refused (the legacy function calling is `tools` now)
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    @field_validator("functions", "function_call", "audio", "modalities", "prediction", "web_search_options")
+    @classmethod
+    def _not_implemented_fields(cls, v: Any, info) -> Any:
+        instead = " (send them as `tools` / `tool_choice`)" if info.field_name.startswith("function") else ""
+        harmless = (None, ["text"]) if info.field_name == "modalities" else (None,)
+        return _not_implemented(info.field_name, v, harmless, instead)
 
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -189,6 +221,14 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     structured_outputs: StructuredOutputs | None = None
+    # OpenAI's, not implemented: refused unless they ask for nothing (best_of 1, an empty suffix)
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("best_of", "suffix")
+    @classmethod
+    def _not_implemented_fields(cls, v: Any, info) -> Any:
+        return _not_implemented(info.field_name, v, (None, 1) if info.field_name == "best_of" else (None, ""))
 
     @field_validator("prompt")
     @classmethod
