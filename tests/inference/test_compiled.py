@@ -62,3 +62,31 @@ def test_compiled_greedy_ids_equal_eager_fp32(model):
     # a second engine over the same model reuses the compiled graphs (eval builds one per run)
     again = Engine(model, max_batch=2, compile=True)
     assert again.compiled is eng.compiled and again.warmup() < 5
+
+
+def test_frozen_graphs_of_two_models_of_one_shape_keep_their_own_weights(tmp_path, monkeypatch):
+    """The weights are frozen into the graphs (constants the C++ GEMM template packs), and a frozen graph's cache
+    entry holds them: a second model of the same shape, compiled against the same cache, must not get the
+    first one's weights back (Inductor keys the entry by shape; lmforge adds the weights' digest)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path))
+    counters.clear()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = Transformer(preset("test").replace(max_seq_len=256))
+        m.init_weights(seed)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(4.0)
+        m.eval()
+        want = Engine(m, max_batch=1).generate([prompt], sp)[0]
+        eng = Engine(m, max_batch=1, compile=True)
+        eng.warmup()
+        assert eng.compiled._frozen, "no graph was frozen"
+        got.append(eng.generate([prompt], sp)[0])
+        assert got[-1] == want
+    assert got[0] != got[1]  # two different models, or the test shows nothing
+    assert counters["inductor"]["cpp_templated_kernel_counter"] > 0  # weights were constants: the template ran

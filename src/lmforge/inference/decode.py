@@ -7,10 +7,15 @@ for every decode step when compiling is on; prefill stays eager (its lengths var
 and already at llama.cpp's speed).
 
 Decisions (measured on this project's 2-core Xeon; figures and commands in docs/serve.md):
-- whole model, fullgraph, weights frozen (Inductor `freezing`): the weights become constants, so the C++ GEMM
-  template (`max_autotune` with the CPP backend) packs each matrix once in the blocking it tuned for that shape,
-  and the C++ wrapper (`cpp_wrapper`) drops the Python glue between kernels. Eager batch-1 F.linear streams the
-  weights at about half of what one core can read; the frozen, autotuned step streams them at nearly all of it.
+- whole model, fullgraph, weights frozen (Inductor `freezing`, switched on globally while Dynamo traces: see
+  `_freezing`): the weights become constants, so the C++ GEMM template (`max_autotune` with the CPP backend)
+  packs each matrix once in the blocking it tuned for that shape, and the C++ wrapper (`cpp_wrapper`) drops
+  the Python glue between kernels. Measured against the same graph with the weights as inputs (aten mm),
+  2 threads, alternated: 27M bf16 1 stream 231-375 vs 120-136 tok/s, 8 streams 1,650-1,935 vs 675-1,154;
+  SmolLM2 fp32 36-39 vs 29-33.
+- the price of freezing is memory: each frozen graph holds its own packed copy of the weights (27M bf16 with
+  4 bucket graphs: RSS 1.0 GB against 0.7). Graphs are frozen while their copies fit in a quarter of the
+  memory available (`frozen_copies_allowed`), the first compiled (batch 1) first; the rest read the model's.
 - static shapes, but for the attended length: batch sizes are bucketed (1, 2, 4, 8, ..., max_batch), one graph
   each with its matmuls tuned for that row count; the number of keys L (the mask's last size) and the cache
   capacity (dimension 0 of every cache tensor, which grows) are dynamic, so neither a longer context nor a grown
@@ -18,17 +23,18 @@ Decisions (measured on this project's 2-core Xeon; figures and commands in docs/
   specialise.
 - padding rows of a bucket (and rows still prefilling) write nothing to the cache (`write_mask`) and attend to
   one key; their logits are dropped.
-- oneDNN weight prepacking is off (`cpp.weight_prepack`): prepacked (mkldnn) tensors cannot be pickled, which
-  makes Inductor bypass its FX graph cache, so every start would compile from scratch; the C++ template packs
-  weights itself.
 - the compiled code is cached on disk (model/compile_cache.py) under a key of the model's shape, dtype,
-  quantization, buckets and thread count: the second start of the same model loads it instead of compiling.
+  quantization, buckets and thread count (the frozen graphs' entries also by a digest of the weights, which they
+  hold): the second start of the same model loads it instead of compiling. oneDNN's weight-packing pass is kept out (`_cacheable_freezing`): its tensors
+  cannot be pickled and would make every start compile again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -42,8 +48,68 @@ INDUCTOR_OPTIONS = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
     "cpp_wrapper": True,
-    "cpp.weight_prepack": False,
+    "autotune_num_choices_displayed": 0,  # no timing tables on the user's terminal
 }
+FROZEN_MEMORY_FRACTION = 0.25  # of the available memory, for the frozen graphs' packed copies of the weights
+
+
+def _cacheable_freezing() -> None:
+    """Keep Inductor's oneDNN weight-packing pass out of frozen graphs. It replaces each frozen linear by a
+    oneDNN-packed (mkldnn) weight that cannot be pickled, so the FX graph cache is bypassed and every start
+    lowers the whole model again (27M bf16: a 34 s warm start instead of 9 s; SmolLM2 fp32: 130 s instead of
+    24); without it the GEMM template still packs the constant weights, in plain tensors, and nothing is lost
+    in speed. The pass is set up once per process from this function, so a no-op in its place is enough (and,
+    should a torch version rename it, nothing breaks but the cache)."""
+    try:
+        import torch._inductor.fx_passes.mkldnn_fusion as mkldnn_fusion
+    except ImportError:
+        return
+    if hasattr(mkldnn_fusion, "_mkldnn_weight_pack_init"):
+        mkldnn_fusion._mkldnn_weight_pack_init = lambda: None
+
+
+@contextlib.contextmanager
+def _freezing(digest: str | None):
+    """Inductor's global `freezing` on (digest given) or off around a call of the compiled step.
+
+    Dynamo makes parameters and buffers graph constants (which Inductor then freezes) only when the global flag
+    is on while it traces: the `options=` given to torch.compile reach Inductor but not Dynamo, so with options
+    alone nothing is frozen and the C++ GEMM template, which needs constant weights, is never chosen. The
+    weights' digest goes into the compile-cache keys (`cache_key_tag`): a frozen graph's cache entry holds the
+    packed weights, and Inductor keys it by the weights' shapes only, so two models of one shape (a base and its
+    finetune) would otherwise load each other's weights. Set and restored by hand (config.patch costs ~20 us a
+    step); freezing happens only without grad, so training compiles are never affected."""
+    cfg, ccfg = torch._inductor.config, torch.compiler.config
+    before = cfg.freezing, ccfg.cache_key_tag
+    cfg.freezing = digest is not None
+    if digest is not None:
+        ccfg.cache_key_tag = f"{before[1]}lmforge-weights-{digest}"
+    try:
+        yield
+    finally:
+        cfg.freezing, ccfg.cache_key_tag = before
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of every weight's bytes (the frozen graphs' cache key; see `_freezing`)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
+    return h.hexdigest()
+
+
+def frozen_copies_allowed(model: torch.nn.Module, fraction: float = FROZEN_MEMORY_FRACTION) -> int:
+    """How many frozen graphs (each holds its own packed copy of the weights) fit in `fraction` of the memory
+    still available; the graphs beyond that read the model's own weights."""
+    from lmforge.model.memory import available_bytes
+    from lmforge.model.quantize import weight_bytes
+
+    free = available_bytes(next(model.parameters()).device)
+    size = max(weight_bytes(model), 1)
+    return 0 if free is None else int(free * fraction // size)
 
 
 def can_compile(device: torch.device) -> str | None:
@@ -73,6 +139,7 @@ def describe_weights(model: torch.nn.Module) -> str:
     return ",".join(kinds)
 
 
+_COMPILING = threading.Lock()  # held by a call that traces (serve compiles larger batches in a background thread)
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {threads: CompiledDecode}
 
 
@@ -90,7 +157,8 @@ class CompiledDecode:
             per_model[threads, dynamic_threads] = cls(model, threads, dynamic_threads)
         return per_model[threads, dynamic_threads]
 
-    def __init__(self, model, threads: int, dynamic_threads: bool = False, options: dict | None = None):
+    def __init__(self, model, threads: int, dynamic_threads: bool = False, options: dict | None = None,
+                 freeze: bool = True):
         from lmforge.model.compile_cache import use_compile_cache
 
         self.model = model
@@ -103,10 +171,17 @@ class CompiledDecode:
         w = model.model.embed_tokens.weight
         self.device = w.device
         quant = describe_weights(model)
+        # graphs (bucket, threads) with the weights frozen in, the first ones compiled while memory allows
+        self.frozen_copies = frozen_copies_allowed(model) if freeze else 0
+        self._frozen: set[tuple[int, int, int]] = set()  # (slots, bucket, threads) of the frozen graphs
+        self._compiled: set[tuple[int, int, int]] = set()
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
             quantize="int4" if "Int4" in quant else "int8" if "Int8" in quant else "none",
             model=dataclasses.asdict(model.cfg), weights=quant, options=self.options)
+        self.digest = weights_digest(model) if self.frozen_copies else None
+        if self.frozen_copies:
+            _cacheable_freezing()
         # one graph per bucket (and per slot count), plus room for a recompile or two
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
@@ -141,7 +216,17 @@ class CompiledDecode:
         for t in cache.k + cache.v:
             if not hasattr(t, "_dynamo_dynamic_indices"):
                 torch._dynamo.mark_dynamic(t, 0)
-        logits = self._fn(tok, pos, mask, write, cache)
+        graph = (cache.slots, n + pad, torch.get_num_threads())
+        if graph in self._compiled:  # the steady state: no tracing, so no flags to set
+            logits = self._fn(tok, pos, mask, write, cache)
+        else:  # this call compiles its graph (or loads it): one at a time, as the flags are process-wide
+            with _COMPILING:
+                freeze = len(self._frozen) < self.frozen_copies
+                with _freezing(self.digest if freeze else None):
+                    logits = self._fn(tok, pos, mask, write, cache)
+                if freeze:
+                    self._frozen.add(graph)
+                self._compiled.add(graph)
         return logits[:n] if pad else logits
 
     def warmup(self, slots: int, buckets: Sequence[int], dtype: torch.dtype,
@@ -154,7 +239,7 @@ class CompiledDecode:
 
         t = time.perf_counter()
         before = torch.get_num_threads()
-        todo = [(b, n) for n in (thread_counts or [before]) for b in buckets if (slots, b, n) not in self.warm]
+        todo = [(b, n) for b in buckets for n in (thread_counts or [before]) if (slots, b, n) not in self.warm]
         if todo:
             scratch = KVCache(self.model.cfg, slots, 16, device=self.device, dtype=dtype)
             for b, n in todo:
@@ -164,5 +249,6 @@ class CompiledDecode:
             set_threads(before)
         dt = time.perf_counter() - t
         if todo:
-            log.info("compiled decode for batch sizes %s in %.1f s (compile cache %s)", todo, dt, self.cache_dir)
+            log.info("compiled decode for (batch size, threads) %s in %.1f s, weights frozen into %d of them "
+                     "(compile cache %s)", todo, dt, len(self._frozen), self.cache_dir)
         return dt
