@@ -278,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                        "fraction_of_bound": max(dec) / bound, "bytes_per_token": runs[0]["bytes_per_token"],
                        "start_s": [x["start_s"] for x in runs],
                        "compile_s": [x.get("compile_s", 0.0) for x in runs],
-                       "same_ids_as_fp32": same_prefix(ids, fp32_ids.get(e, ids)), "ids": ids}
+                       # None when this shape's fp32 row has not run first (--rows puts it first to compare)
+                       "same_ids_as_fp32": same_prefix(ids, fp32_ids[e]) if e in fp32_ids else None, "ids": ids}
                 results["rows"].append(rec)
                 print(f"{shape:8s} {rec['precision']:5s} {e:9s} decode {max(dec):7.1f} tok/s "
                       f"({min(dec):.1f}-{max(dec):.1f})  prompt {max(pre):8.1f} tok/s ({min(pre):.0f}-{max(pre):.0f})"
                       f"  {rec['fraction_of_bound']:4.0%} of {bound:.0f} tok/s bound  greedy = fp32 for "
-                      f"{rec['same_ids_as_fp32']}/{len(ids)}  start {', '.join(f'{s:.1f}' for s in rec['start_s'])} s",
+                      f"{'n/a' if rec['same_ids_as_fp32'] is None else rec['same_ids_as_fp32']}/{len(ids)}  start {', '.join(f'{s:.1f}' for s in rec['start_s'])} s",
                       flush=True)
             if len(engines) == 2 and "lmforge" in engines:
                 a = next(x for x in results["rows"][-2:] if x["engine"] == "lmforge")

@@ -54,7 +54,7 @@ def test_greedy_same_alone_and_in_busy_batch(model):
     batched = eng.generate(ps, mixed)
     for a, b, sp in zip(alone, batched, mixed):
         assert b == a[:sp.max_tokens]
-    assert eng.queue_stats() == {"waiting": 0, "running": 0}
+    assert eng.queue_stats() == {"waiting": 0, "running": 0, "compiling": 0}
 
 
 def test_seeded_sampling_is_batch_invariant_and_reproducible(model):
@@ -198,7 +198,7 @@ def test_a_failing_request_ends_alone_and_its_batch_goes_on(model):
         assert g.finish_reason == "error" and events[-1].error
     assert [g.finish_reason for g in gens] == ["length"] * 6
     assert [g.output_ids for g in gens] == alone
-    assert eng.queue_stats() == {"waiting": 0, "running": 0}
+    assert eng.queue_stats() == {"waiting": 0, "running": 0, "compiling": 0}
     assert eng.generate([ps[2]], GREEDY)[0] == alone[2]  # and the engine serves on
 
 

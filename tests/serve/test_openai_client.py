@@ -156,5 +156,6 @@ def test_many_concurrent_clients_all_complete(live, client):
     assert not errors and len(results) == 24
     metrics = httpx.get(live.url + "/metrics").text
     assert 'lmforge_running_requests{model="tiny"}' in metrics
+    assert 'lmforge_compiling{model="tiny"} 0' in metrics  # the suite serves eagerly: nothing compiles
     assert "lmforge_time_to_first_token_seconds_bucket" in metrics
     assert json.dumps(metrics)  # plain text

@@ -204,9 +204,9 @@ def server_errors(url: str) -> int:
 
 def settle(engine, timeout: float = 30) -> None:
     deadline = time.time() + timeout
-    while engine.queue_stats() != {"waiting": 0, "running": 0} and time.time() < deadline:
+    while engine.queue_stats() != {"waiting": 0, "running": 0, "compiling": 0} and time.time() < deadline:
         time.sleep(0.05)
-    assert engine.queue_stats() == {"waiting": 0, "running": 0}
+    assert engine.queue_stats() == {"waiting": 0, "running": 0, "compiling": 0}
 
 
 def test_seeded_fuzz_of_every_route(live):

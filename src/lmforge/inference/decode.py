@@ -49,6 +49,7 @@ INDUCTOR_OPTIONS = {
     "max_autotune_gemm_backends": "CPP,ATEN",
     "cpp_wrapper": True,
     "autotune_num_choices_displayed": 0,  # no timing tables on the user's terminal
+    "max_autotune_report_choices_stats": False,  # nor the JSON of each choice
 }
 FROZEN_MEMORY_FRACTION = 0.25  # of the available memory, for the frozen graphs' packed copies of the weights
 
@@ -147,7 +148,9 @@ class CompiledDecode:
     """decode(cache, tokens, positions, live, buckets) -> logits [n, V] for cache rows 0..n-1, compiled.
 
     One per model and thread count (`for_model`), shared by the engines built over that model in a process
-    (eval builds one per run), so their graphs are compiled once."""
+    (eval builds one per run), so their graphs are compiled once. Frozen graphs keep the weights they were
+    compiled with: a model changed in place afterwards (training it further) needs a CompiledDecode of its own
+    (serve, chat, eval and compare only ever decode models they loaded)."""
 
     @classmethod
     def for_model(cls, model, threads: int | None = None, dynamic_threads: bool = False) -> CompiledDecode:

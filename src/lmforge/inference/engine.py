@@ -461,8 +461,11 @@ class Engine:
         self.stop()
 
     def queue_stats(self) -> dict:
-        """Queue length and running batch size right now: {"waiting": n, "running": n}."""
-        return {"waiting": len(self._waiting), "running": sum(g is not None for g in self._slots)}
+        """Queue length, running batch size and whether larger batch sizes are still compiling in the background,
+        right now: {"waiting": n, "running": n, "compiling": 0 or 1}."""
+        warming = self._warming is not None and self._warming.is_alive()
+        return {"waiting": len(self._waiting), "running": sum(g is not None for g in self._slots),
+                "compiling": int(warming)}
 
     # ---- the scheduler (one thread) ------------------------------------------------------------------
     def _loop(self) -> None:

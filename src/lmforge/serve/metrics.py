@@ -2,7 +2,7 @@
 
 Owns: the server's own counters (HTTP requests by endpoint and status) and the rendering of each engine's
 counters (requests, prompt and generated tokens, time to first token histogram, decode tokens/s, queue length,
-running batch size), labelled by model. The engine measures; this module only writes the numbers out.
+running batch size, background compiling), labelled by model. The engine measures; this module only writes the numbers out.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Metrics:
             ("lmforge_queue_length", "gauge", "Requests waiting for a slot.", lambda s, ld: ld["waiting"]),
             ("lmforge_running_requests", "gauge", "Requests in the running batch (slots in use).",
              lambda s, ld: ld["running"]),
+            ("lmforge_compiling", "gauge", "1 while the decode graphs of larger batch sizes compile in the background "
+             "(batches run eagerly, slower, until then).", lambda s, ld: ld["compiling"]),
         ]
         for name, kind, help_text, get in simple:
             family(name, kind, help_text)
