@@ -14,8 +14,8 @@ Decisions (measured on this project's 2-core Xeon; figures and commands in docs/
   2 threads, alternated: 27M bf16 1 stream 231-375 vs 120-136 tok/s, 8 streams 1,650-1,935 vs 675-1,154;
   SmolLM2 fp32 36-39 vs 29-33.
 - the price of freezing is memory: each frozen graph holds its own packed copy of the weights (27M bf16 with
-  4 bucket graphs: RSS 1.0 GB against 0.7). Graphs are frozen while their copies fit in a quarter of the
-  memory available (`frozen_copies_allowed`), the first compiled (batch 1) first; the rest read the model's.
+  4 bucket graphs: RSS 1.0 GB all frozen, 0.7 with batch 1 only). Graphs are frozen while their copies fit in
+  a quarter of the memory available (`frozen_copies_allowed`), batch 1 first; the rest read the model's.
 - static shapes, but for the attended length: batch sizes are bucketed (1, 2, 4, 8, ..., max_batch), one graph
   each with its matmuls tuned for that row count; the number of keys L (the mask's last size) and the cache
   capacity (dimension 0 of every cache tensor, which grows) are dynamic, so neither a longer context nor a grown
@@ -25,8 +25,8 @@ Decisions (measured on this project's 2-core Xeon; figures and commands in docs/
   one key; their logits are dropped.
 - the compiled code is cached on disk (model/compile_cache.py) under a key of the model's shape, dtype,
   quantization, buckets and thread count (the frozen graphs' entries also by a digest of the weights, which they
-  hold): the second start of the same model loads it instead of compiling. oneDNN's weight-packing pass is kept out (`_cacheable_freezing`): its tensors
-  cannot be pickled and would make every start compile again.
+  hold): the second start of the same model loads it instead of compiling. oneDNN's weight-packing pass is
+  kept out (`_cacheable_freezing`): its tensors cannot be pickled and would make every start compile again.
 """
 
 from __future__ import annotations
