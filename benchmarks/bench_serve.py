@@ -53,20 +53,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base: str, server: subprocess.Popen, seconds: float) -> None:
-    """Until GET /health answers 200; SystemExit if the server exits or `seconds` pass first."""
+def wait_until(done, server: subprocess.Popen, seconds: float, every: float = 0.2) -> bool:
+    """Poll done() (an HTTP check; a refused connection counts as not yet) until it is true: True; False if the
+    server exits or `seconds` pass first."""
     import httpx
 
     deadline = time.time() + seconds
     while True:
         try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                return
+            if done():
+                return True
         except httpx.TransportError:
             pass
         if time.time() > deadline or server.poll() is not None:
-            raise SystemExit("the server did not become ready")
-        time.sleep(0.2)
+            return False
+        time.sleep(every)
+
+
+def wait_ready(base: str, server: subprocess.Popen, seconds: float) -> None:
+    """Until GET /health answers 200; SystemExit if the server exits or `seconds` pass first."""
+    import httpx
+
+    if not wait_until(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, server, seconds):
+        raise SystemExit("the server did not become ready")
 
 
 def wait_compiled(base: str, server: subprocess.Popen, seconds: float) -> None:
@@ -74,10 +83,9 @@ def wait_compiled(base: str, server: subprocess.Popen, seconds: float) -> None:
     import httpx
 
     t0 = time.time()
-    while 'lmforge_compiling{model="m"} 1' in httpx.get(base + "/metrics", timeout=5).text:
-        if time.time() > t0 + seconds or server.poll() is not None:
-            raise SystemExit("the server's background compile did not finish")
-        time.sleep(1.0)
+    if not wait_until(lambda: 'lmforge_compiling{model="m"} 1' not in httpx.get(base + "/metrics", timeout=5).text,
+                      server, seconds, every=1.0):
+        raise SystemExit("the server's background compile did not finish")
     print(f"background compile finished {time.time() - t0:.1f} s after ready", file=sys.stderr)
 
 
@@ -157,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_compile:  # measure the server at full speed: larger batches compile in the background
                 wait_compiled(base, server, 1800)
             print(f"ready after {time.time() - t_start:.1f} s", file=sys.stderr)
-            time.sleep(float(os.environ.get("BENCH_SERVE_SETTLE", "0")))  # let background compiles finish
             body = {"model": "m", "prompt": "def parse_args(argv):\n    \"\"\"Parse the command line.\"\"\"\n",
                     "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}

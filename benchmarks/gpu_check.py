@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import free_port, level  # noqa: E402  (the same streaming client and levels)
+from bench_serve import free_port, level, wait_until  # noqa: E402  (the same streaming client and levels)
 
 ROWS: list[dict] = []
 FAILED: list[str] = []
@@ -249,16 +249,8 @@ def serve(a, work: Path, model: Path, info: dict) -> None:
     server = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"the server did not become ready: ...{(work / 'serve.log').read_text()[-1500:]}")
-            time.sleep(0.5)
+        if not wait_until(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, server, 300, every=0.5):
+            raise RuntimeError(f"the server did not become ready: ...{(work / 'serve.log').read_text()[-1500:]}")
         new = 32 if a.cpu_smoke else 256
         body = {"model": "m", "prompt": "def parse_args(argv):\n", "max_tokens": new, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}

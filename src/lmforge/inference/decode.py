@@ -160,8 +160,7 @@ class CompiledDecode:
             per_model[threads, dynamic_threads] = cls(model, threads, dynamic_threads)
         return per_model[threads, dynamic_threads]
 
-    def __init__(self, model, threads: int, dynamic_threads: bool = False, options: dict | None = None,
-                 freeze: bool = True):
+    def __init__(self, model, threads: int, dynamic_threads: bool = False, options: dict | None = None):
         from lmforge.model.compile_cache import use_compile_cache
 
         self.model = model
@@ -174,10 +173,9 @@ class CompiledDecode:
         w = model.model.embed_tokens.weight
         self.device = w.device
         quant = describe_weights(model)
-        # graphs (bucket, threads) with the weights frozen in, the first ones compiled while memory allows
-        self.frozen_copies = frozen_copies_allowed(model) if freeze else 0
+        # graphs with the weights frozen in: the first ones compiled, while memory allows
+        self.frozen_copies = frozen_copies_allowed(model)
         self._frozen: set[tuple[int, int, int]] = set()  # (slots, bucket, threads) of the frozen graphs
-        self._compiled: set[tuple[int, int, int]] = set()
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
             quantize="int4" if "Int4" in quant else "int8" if "Int8" in quant else "none",
@@ -193,7 +191,7 @@ class CompiledDecode:
             return model(tokens, input_pos=pos, cache=kv, mask=mask, write_mask=write_mask)[:, -1]
 
         self._fn = torch.compile(step, fullgraph=True, dynamic=False, options=self.options)
-        self.warm: set[tuple[int, int, int]] = set()  # (slots, bucket, threads) compiled so far
+        self.warm: set[tuple[int, int, int]] = set()  # (slots, bucket, threads) compiled (or loaded) so far
 
     def is_warm(self, slots: int, bucket: int, threads: int | None = None) -> bool:
         """Whether the graph for this slot count and bucket is compiled (at `threads`; default: at any count)."""
@@ -220,7 +218,7 @@ class CompiledDecode:
             if not hasattr(t, "_dynamo_dynamic_indices"):
                 torch._dynamo.mark_dynamic(t, 0)
         graph = (cache.slots, n + pad, torch.get_num_threads())
-        if graph in self._compiled:  # the steady state: no tracing, so no flags to set
+        if graph in self.warm:  # the steady state: no tracing, so no flags to set
             logits = self._fn(tok, pos, mask, write, cache)
         else:  # this call compiles its graph (or loads it): one at a time, as the flags are process-wide
             with _COMPILING:
@@ -229,7 +227,7 @@ class CompiledDecode:
                     logits = self._fn(tok, pos, mask, write, cache)
                 if freeze:
                     self._frozen.add(graph)
-                self._compiled.add(graph)
+                self.warm.add(graph)
         return logits[:n] if pad else logits
 
     def warmup(self, slots: int, buckets: Sequence[int], dtype: torch.dtype,
@@ -247,8 +245,7 @@ class CompiledDecode:
             scratch = KVCache(self.model.cfg, slots, 16, device=self.device, dtype=dtype)
             for b, n in todo:
                 set_threads(n)
-                self(scratch, [0] * b, [1] * b, [True] * b, buckets)
-                self.warm.add((slots, b, n))
+                self(scratch, [0] * b, [1] * b, [True] * b, buckets)  # marks (slots, b, n) warm
             set_threads(before)
         dt = time.perf_counter() - t
         if todo:

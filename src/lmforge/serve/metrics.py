@@ -2,7 +2,8 @@
 
 Owns: the server's own counters (HTTP requests by endpoint and status) and the rendering of each engine's
 counters (requests, prompt and generated tokens, time to first token histogram, decode tokens/s, queue length,
-running batch size, background compiling), labelled by model. The engine measures; this module only writes the numbers out.
+running batch size, background compiling), labelled by model. The engine measures; this module only writes the
+numbers out.
 """
 
 from __future__ import annotations
