@@ -14,7 +14,7 @@ from lmforge.model.quantize import (
     quantize,
     quantize_int8,
     quantize_weight,
-    unpack_int4,
+    unpack_int4_t,
     weight_bytes,
 )
 from lmforge.model.transformer import Transformer
@@ -66,10 +66,10 @@ def test_quantized_model_keeps_predictions_and_shrinks():
 @pytest.mark.parametrize("n", [64, 96, 128, 176, 16])  # whole 64-row blocks, and the tail layout
 def test_int4_unpack_inverts_torch_packing(n):
     q = torch.randint(0, 16, (n, 64), dtype=torch.int32)
-    assert torch.equal(unpack_int4(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), n, 64), q)
+    assert torch.equal(unpack_int4_t(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), n, 64).t(), q.to(torch.uint8))
 
 
-@pytest.mark.parametrize("rows", [1, 40])  # the int4 kernel (few rows) and the dequantize + bf16 GEMM path
+@pytest.mark.parametrize("rows", [1, 40, 200])  # the int4 kernel (up to 128 rows), then dequantize + bf16 GEMM
 def test_int4_linear_matches_its_dequantized_weights(rows):
     torch.manual_seed(0)
     lin = nn.Linear(128, 96, bias=True)

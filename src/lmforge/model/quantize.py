@@ -17,7 +17,8 @@ int4 (Int4Linear): groups of `group_size` input columns (default 32, llama.cpp's
 min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's and torchao's int4 weight-only),
 packed in torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits per weight
 and dequantizes in registers (bf16 activations, bf16 scales). Many rows (prefill): the weight is unpacked to bf16
-once per call for the bf16 GEMM, as for int8. A projection whose shape the kernel cannot take (out_features not
+(W^T, the layout the packing leaves) once per call for the bf16 GEMM, as for int8: the kernel's cost grows with
+the rows (at 512 rows ~4x the bf16 GEMM), unpacking costs about one GEMM. A projection whose shape the kernel cannot take (out_features not
 a multiple of 16, in_features not a multiple of any group size down to 16) stays int8, and `quantize` says so.
 CPU only: the kernel and its packing are the CPU ones.
 
@@ -43,6 +44,8 @@ METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 log = logging.getLogger("lmforge.quantize")
 _FUSED_MAX_ROWS = 16  # above this many rows the dequantize + bf16 GEMM path is faster (measured)
+_INT4_FUSED_MAX_ROWS = 128  # the int4 kernel stays ahead of unpacking + bf16 GEMM up to about here (measured)
+_DEQUANT_CHUNK = 1 << 18  # fp32 elements per step of Int4Linear.dequantize_t (1 MB: stays in cache)
 _HAS_PACK_MM = hasattr(torch, "_weight_int8pack_mm")
 
 
@@ -100,22 +103,26 @@ def quantize_int4_weight(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return q, scale, lo
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Invert `_convert_weight_to_int4pack_for_cpu`: packed uint8 [n, k/2] -> int32 [n, k] in 0..15.
+def unpack_int4_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Invert `_convert_weight_to_int4pack_for_cpu`, transposed: packed uint8 [n, k/2] -> uint8 [k, n] in 0..15.
 
     torch's CPU layout (checked by tests against the packing op): rows in blocks of 64, each [k, 32] bytes whose
     low nibble is row r and high nibble row r + 32; a tail of n mod 64 rows as [k, tail/2] bytes packing rows
-    2j (low) and 2j + 1 (high)."""
-    blocks = n // 64
-    parts = []
+    2j (low) and 2j + 1 (high). Both are already k-major, so W^T comes out with one write per nibble and no
+    transposing copy."""
+    blocks, tail = n // 64, n % 64
+    out = torch.empty(k, n, dtype=torch.uint8, device=packed.device)
     if blocks:
-        b = packed[:blocks * 64].reshape(blocks, k, 32)
-        parts.append(torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(blocks * 64, k))
-    tail = n - blocks * 64
+        b = packed[:blocks * 64].reshape(blocks, k, 32).transpose(0, 1)  # k blocks 32
+        o = out[:, :blocks * 64].view(k, blocks, 64)
+        torch.bitwise_and(b, 15, out=o[..., :32])
+        torch.bitwise_right_shift(b, 4, out=o[..., 32:])
     if tail:
         t = packed[blocks * 64:].reshape(k, tail // 2)
-        parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).t())
-    return torch.cat(parts).to(torch.int32)
+        o = out[:, blocks * 64:].view(k, tail // 2, 2)
+        torch.bitwise_and(t, 15, out=o[..., 0])
+        torch.bitwise_right_shift(t, 4, out=o[..., 1])
+    return out
 
 
 def int4_group_size(linear: nn.Linear, group_size: int) -> int | None:
@@ -146,21 +153,31 @@ class Int4Linear(nn.Module):
                              .to(torch.bfloat16))  # k/g n 2
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def dequantize_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W^T [in, out]: the layout the packing leaves, and what the prefill GEMM takes as is. Computed in fp32
+        a few groups at a time: unpacking W itself (a transposing copy), one whole-matrix fp32 temporary (page
+        faults on a fresh allocation each call) or bf16 broadcasting ops (torch's are slow) made it 3-5x slower."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = unpack_int4_t(self.qweight, n, k).view(k // g, g, n)
+        sz = self.scales_zeros.float()[:, None]  # k/g 1 n 2
+        scale, offset = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # the kernel's (q - 8) * scale + zero
+        out = torch.empty(k // g, g, n, dtype=dtype, device=q.device)
+        step = max(1, _DEQUANT_CHUNK // (g * n))
+        for i in range(0, k // g, step):
+            out[i:i + step] = torch.addcmul(offset[i:i + step], q[i:i + step].float(), scale[i:i + step])
+        return out.view(k, n)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_int4(self.qweight, self.out_features, self.in_features).float() - 8
-        sz = self.scales_zeros.float()  # k/g n 2
-        scale = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)  # n k
-        zero = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
-        return (q * scale + zero).to(dtype)
+        return self.dequantize_t(dtype).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] <= _FUSED_MAX_ROWS:
+        if x2.shape[0] <= _INT4_FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size,
                                                            self.scales_zeros)
         else:
-            y = F.linear(x2, self.dequantize(torch.bfloat16))
+            y = x2 @ self.dequantize_t(torch.bfloat16)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -220,6 +237,8 @@ def quantize(model: nn.Module, method: str | None, group_size: int | None = None
     if method == "int4":
         return quantize_int4(model, group_size or INT4_GROUP_SIZE)
     raise LmforgeError(f"unknown quantization {method!r}; choose int8, int4 or none")
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers (what decode reads per token, the KV cache aside)."""
     seen, total = set(), 0
