@@ -1,11 +1,13 @@
 """The compiled decode step (inference/decode.py) against eager decoding: the same greedy ids, alone and in a
-batch, across a cache growth, with a kept prefix; its graphs come back from the on-disk compile cache.
+batch (the wide-batch graphs too), across a cache growth, with a kept prefix; its graphs come back from the
+on-disk compile cache.
 
 Few and small on purpose: each bucket's graph takes seconds to load and ~20 s to compile cold on 2 cores."""
 
 import pytest
 import torch
 
+from lmforge.inference import decode
 from lmforge.inference.decode import batch_buckets, can_compile
 from lmforge.inference.engine import Engine
 from lmforge.inference.sampling import SamplingParams
@@ -40,7 +42,8 @@ def test_buckets():
     assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6]
 
 
-def test_compiled_greedy_ids_equal_eager_fp32(model):
+def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
+    monkeypatch.setattr(decode, "WIDE_ROWS", 2)  # the batch-2 graph takes the wide-batch (aten matmul) path
     g = torch.Generator().manual_seed(1)
     ps = [torch.randint(0, 2048, (int(n),), generator=g).tolist() for n in (5, 30, 12)]
     long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)  # 256 -> 512 positions: one growth
@@ -51,6 +54,7 @@ def test_compiled_greedy_ids_equal_eager_fp32(model):
 
     eng = Engine(model, max_batch=2, compile=True)
     assert eng.compiled is not None and eng.cache.capacity == 256
+    assert eng.compiled._fn_wide is not eng.compiled._fn  # fp32: its own graphs
     eng.warmup()
     assert eng.generate(ps[:1], long)[0] == want_long and eng.cache.capacity == 512
     # three requests on two slots: batches of 2 and of 1 (padded), slots reused, prefixes kept and reused

@@ -13,6 +13,10 @@ Decisions (measured on this project's 2-core Xeon; figures and commands in docs/
   the Python glue between kernels. Measured against the same graph with the weights as inputs (aten mm),
   2 threads, alternated: 27M bf16 1 stream 231-375 vs 120-136 tok/s, 8 streams 1,650-1,935 vs 675-1,154;
   SmolLM2 fp32 36-39 vs 29-33.
+- fp32 batches of WIDE_ROWS (8) rows and more use aten's matmuls instead of the C++ GEMM template: autotuning
+  times the candidates on cache-hot weights and picks the template, which is then up to 1.6x slower on weights
+  streamed from memory. With it (and the decode attention of model/transformer.py) the 27M fp32 server gives
+  4.2x one stream's tokens/s at 16 streams, 646 against 476 tokens/s before.
 - the price of freezing is memory: each frozen graph holds its own packed copy of the weights (27M bf16 with
   4 bucket graphs: RSS 1.0 GB all frozen, 0.7 with batch 1 only). Graphs are frozen while their copies fit in
   a quarter of the memory available (`frozen_copies_allowed`), batch 1 first; the rest read the model's.
@@ -51,6 +55,10 @@ INDUCTOR_OPTIONS = {
     "autotune_num_choices_displayed": 0,  # no timing tables on the user's terminal
     "max_autotune_report_choices_stats": False,  # nor the JSON of each choice
 }
+# From this many rows on, fp32 graphs use aten's matmuls: the C++ GEMM template, which autotuning picks from
+# timings on cache-hot weights, was up to 1.6x slower on weights read from memory (27M shape, 2 threads, 8 and 16
+# rows: the 2752x512 gate/up matrix 4.7-5.9 GB/s against 7.0-7.6; at 1 row the template is the faster).
+WIDE_ROWS = 8
 FROZEN_MEMORY_FRACTION = 0.25  # of the available memory, for the frozen graphs' packed copies of the weights
 
 
@@ -191,6 +199,9 @@ class CompiledDecode:
             return model(tokens, input_pos=pos, cache=kv, mask=mask, write_mask=write_mask)[:, -1]
 
         self._fn = torch.compile(step, fullgraph=True, dynamic=False, options=self.options)
+        # fp32 batches of WIDE_ROWS rows and more: aten's (MKL's) matmuls, not the C++ GEMM template (see WIDE_ROWS)
+        self._fn_wide = self._fn if w.dtype != torch.float32 else torch.compile(
+            step, fullgraph=True, dynamic=False, options=dict(self.options, max_autotune_gemm_backends="ATEN"))
         self.warm: set[tuple[int, int, int]] = set()  # (slots, bucket, threads) compiled (or loaded) so far
 
     def is_warm(self, slots: int, bucket: int, threads: int | None = None) -> bool:
@@ -218,13 +229,14 @@ class CompiledDecode:
             if not hasattr(t, "_dynamo_dynamic_indices"):
                 torch._dynamo.mark_dynamic(t, 0)
         graph = (cache.slots, n + pad, torch.get_num_threads())
+        fn = self._fn_wide if n + pad >= WIDE_ROWS else self._fn
         if graph in self.warm:  # the steady state: no tracing, so no flags to set
-            logits = self._fn(tok, pos, mask, write, cache)
+            logits = fn(tok, pos, mask, write, cache)
         else:  # this call compiles its graph (or loads it): one at a time, as the flags are process-wide
             with _COMPILING:
                 freeze = len(self._frozen) < self.frozen_copies
                 with _freezing(self.digest if freeze else None):
-                    logits = self._fn(tok, pos, mask, write, cache)
+                    logits = fn(tok, pos, mask, write, cache)
                 if freeze:
                     self._frozen.add(graph)
                 self.warm.add(graph)

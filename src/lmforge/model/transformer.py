@@ -235,10 +235,25 @@ class Attention(nn.Module):
             # 16-bit attention on CPU is several times slower than fp32 (measured: 149 vs 22 us per decode call
             # over a 256-position cache); the casts of q and the keys read cost far less
             q, k, v = q.float(), k.float(), v.float()
-        # enable_gqa: each group of H/K query heads reads one kv head, without repeating k and v (torch >= 2.5)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                           enable_gqa=self.n_kv != self.n_heads).to(dtype)
+        if T == 1 and not self.training:  # decode
+            y = decode_attention(q, k, v, ctx.mask).to(dtype)
+        else:  # enable_gqa: each group of H/K query heads reads one kv head, without repeating k and v
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                               enable_gqa=self.n_kv != self.n_heads).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row, q [B, H, 1, D], over k, v [B, K, L, D] (mask [B, 1, 1, L], True = attend):
+    as two batched matmuls, each group of H/K query heads against its kv head. On CPU this is ~2x faster than
+    scaled_dot_product_attention, whose flash kernel is built for many queries (measured, fp32, 8/4 heads of 64,
+    compiled or not: 16 rows over 130 keys 0.28-0.36 ms vs 0.51-0.67; over 1,000 keys 1.8-2.1 vs 3.9-4.2)."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    s = (q.reshape(B, K, H // K, D) @ k.transpose(-1, -2)) * D ** -0.5  # B K H/K L
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):
