@@ -66,7 +66,8 @@ def test_quantized_model_keeps_predictions_and_shrinks():
 @pytest.mark.parametrize("n", [64, 96, 128, 176, 16])  # whole 64-row blocks, and the tail layout
 def test_int4_unpack_inverts_torch_packing(n):
     q = torch.randint(0, 16, (n, 64), dtype=torch.int32)
-    assert torch.equal(unpack_int4_t(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), n, 64).t(), q.to(torch.uint8))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(unpack_int4_t(packed, n, 64).t(), q.to(torch.uint8))
 
 
 @pytest.mark.parametrize("rows", [1, 40, 200])  # the int4 kernel (up to 128 rows), then dequantize + bf16 GEMM

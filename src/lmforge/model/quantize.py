@@ -18,8 +18,9 @@ min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's an
 packed in torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits per weight
 and dequantizes in registers (bf16 activations, bf16 scales). Many rows (prefill): the weight is unpacked to bf16
 (W^T, the layout the packing leaves) once per call for the bf16 GEMM, as for int8: the kernel's cost grows with
-the rows (at 512 rows ~4x the bf16 GEMM), unpacking costs about one GEMM. A projection whose shape the kernel cannot take (out_features not
-a multiple of 16, in_features not a multiple of any group size down to 16) stays int8, and `quantize` says so.
+the rows (at 512 rows ~4x the bf16 GEMM), unpacking costs about one GEMM. A projection whose shape the kernel
+cannot take (out_features not a multiple of 16, in_features not a multiple of any group size down to 16) stays
+int8, and `quantize` says so.
 CPU only: the kernel and its packing are the CPU ones.
 
 What is quantized: attention and MLP projections (fused qkv_proj / gate_up_proj too) and the lm_head (in small
@@ -43,7 +44,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 log = logging.getLogger("lmforge.quantize")
-_FUSED_MAX_ROWS = 16  # above this many rows the dequantize + bf16 GEMM path is faster (measured)
+_FUSED_MAX_ROWS = 16  # int8: above this many rows the dequantize + bf16 GEMM path is faster (measured)
 _INT4_FUSED_MAX_ROWS = 128  # the int4 kernel stays ahead of unpacking + bf16 GEMM up to about here (measured)
 _DEQUANT_CHUNK = 1 << 18  # fp32 elements per step of Int4Linear.dequantize_t (1 MB: stays in cache)
 _HAS_PACK_MM = hasattr(torch, "_weight_int8pack_mm")
