@@ -1,8 +1,8 @@
 """The compiled decode step (inference/decode.py) against eager decoding: the same greedy ids, alone and in a
-batch (the wide-batch graphs too), across a cache growth, with a kept prefix; its graphs come back from the
-on-disk compile cache.
+batch (the wide-batch packages too), across a cache growth, with a kept prefix, while a larger batch size compiles
+in the background; its packages come back from the on-disk compile cache.
 
-Few and small on purpose: each bucket's graph takes seconds to load and ~20 s to compile cold on 2 cores."""
+Few and small on purpose: each bucket's package takes ~20-40 s to compile cold on 2 cores."""
 
 import pytest
 import torch
@@ -54,24 +54,48 @@ def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
 
     eng = Engine(model, max_batch=2, compile=True)
     assert eng.compiled is not None and eng.cache.capacity == 256
-    assert eng.compiled._fn_wide is not eng.compiled._fn  # fp32: its own graphs
-    eng.warmup()
+    assert eng.compiled.inductor_options(torch.float32, 2)["max_autotune_gemm_backends"] == "ATEN"
+    assert eng.compiled.inductor_options(torch.float32, 1)["max_autotune_gemm_backends"] == "CPP,ATEN"
+    # as a server starts: batch 1 now, batch 2 compiling in the background while requests run (export traces a
+    # twin of the model, so the engine's own forwards never meet the fake tensors it swaps in)
+    eng.warmup(background=True)
     assert eng.generate(ps[:1], long)[0] == want_long and eng.cache.capacity == 512
+    eng._warming.join()
+    assert eng.compiled.is_warm(2, 2)
     # three requests on two slots: batches of 2 and of 1 (padded), slots reused, prefixes kept and reused
     assert eng.generate(ps, short) == want
     assert eng.generate([ps[1] + want[1]], short)[0] == Engine(model, max_batch=1).generate([ps[1] + want[1]],
                                                                                           short)[0]
     assert eng.stats.prompt_tokens_reused > 0
     assert (eng.compiled.cache_dir / "key.json").is_file()
-    # a second engine over the same model reuses the compiled graphs (eval builds one per run)
+    assert len(list(eng.compiled.cache_dir.glob("decode-2x*.pt2"))) == 2
+    # a second engine over the same model reuses the loaded packages (eval builds one per run)
     again = Engine(model, max_batch=2, compile=True)
     assert again.compiled is eng.compiled and again.warmup() < 5
+    # a new process's start: the packages come from disk, nothing is compiled again
+    fresh = decode.CompiledDecode(model, eng.compiled.options["cpp.threads"], eng.compiled.options["cpp.dynamic_threads"])
+    fresh.warmup(2, [1, 2], torch.float32)
+    assert fresh.compiled == 0 and fresh.is_warm(2, 1) and fresh.is_warm(2, 2)
+    again.compiled = fresh
+    assert again.generate(ps, short) == want
+
+
+def test_twin_shares_the_tensors_but_not_the_modules(model):
+    """What makes a background compile safe: export swaps the traced modules' parameters for fake tensors."""
+    twin = decode._twin(model)
+    assert twin is not model and twin.model.layers[0] is not model.model.layers[0]
+    assert dict(twin.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight or not model.cfg.tie_embeddings
+    before = model.model.layers[0].mlp.up_proj.weight
+    twin.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros_like(before))
+    assert model.model.layers[0].mlp.up_proj.weight is before
 
 
 def test_frozen_graphs_of_two_models_of_one_shape_keep_their_own_weights(tmp_path, monkeypatch):
     """The weights are frozen into the graphs (constants the C++ GEMM template packs), and a frozen graph's cache
-    entry holds them: a second model of the same shape, compiled against the same cache, must not get the
-    first one's weights back (Inductor keys the entry by shape; lmforge adds the weights' digest)."""
+    package holds them: a second model of the same shape, compiled against the same cache, must not get the
+    first one's package (its name has a digest of the weights)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path))
@@ -89,7 +113,7 @@ def test_frozen_graphs_of_two_models_of_one_shape_keep_their_own_weights(tmp_pat
         want = Engine(m, max_batch=1).generate([prompt], sp)[0]
         eng = Engine(m, max_batch=1, compile=True)
         eng.warmup()
-        assert eng.compiled._frozen, "no graph was frozen"
+        assert eng.compiled.is_warm(1, 1) and eng.compiled.compiled == 1
         got.append(eng.generate([prompt], sp)[0])
         assert got[-1] == want
     assert got[0] != got[1]  # two different models, or the test shows nothing

@@ -14,9 +14,9 @@ One scheduler iteration (`step`), after vLLM / TGI's continuous batching and gpt
 Speed decisions (CPU first; measured in benchmarks/bench_decode.py, figures in docs/serve.md):
   - the decode batch is rows 0..n-1 of the cache, read as a view (no gather); a free or still-prefilling row in
     that range is a padding row that writes nothing (`write_mask`), so a free slot keeps what it holds;
-  - compile=True: decode steps run the compiled whole-model graph of inference/decode.py (weights frozen in,
-    C++ GEMM templates, one graph per batch-size bucket; prefill stays eager). `warmup()` compiles, or loads from
-    the on-disk compile cache. LMFORGE_COMPILE=0 in the environment turns it off whatever the caller asked
+  - compile=True: decode steps run the compiled whole-model program of inference/decode.py (an AOTInductor
+    package per batch-size bucket, weights frozen in, C++ GEMM templates; prefill stays eager). `warmup()`
+    compiles, or loads from the on-disk compile cache. LMFORGE_COMPILE=0 in the environment turns it off whatever the caller asked
     (the verbs' --compile defaults included);
   - threads (llama.cpp's -t / -tb for decode / prefill): a number, or "auto": the faster of one thread and all
     cores, measured step by step (inference/threads.py): on a busy 2-core machine two OpenMP threads were several
@@ -406,20 +406,19 @@ class Engine:
         return [g.result() for g in gens]
 
     def warmup(self, background: bool = False) -> float:
-        """Compile (or load from the compile cache) the decode graphs when compile=True, then run the prefill and
-        decode paths once; returns the seconds it took. Leaves the slots empty.
+        """Compile (or load from the compile cache) the decode packages when compile=True, then run the prefill
+        and decode paths once; returns the seconds it took. Leaves the slots empty.
 
-        background: compile only the single-stream graph now and the larger batch sizes in a daemon thread (a
-        server is ready sooner); until a batch size's graph is ready, its steps decode eagerly."""
+        background: compile only the single-stream package now and the larger batch sizes in a daemon thread (a
+        server is ready sooner); until a batch size's package is ready, its steps decode eagerly."""
         t = time.perf_counter()
         if self.compiled is not None:
-            counts = self._decode_threads.candidates
             now = self._buckets[:1] if background else self._buckets
-            self.compiled.warmup(self.max_batch, now, self.cache.dtype, counts)
+            self.compiled.warmup(self.max_batch, now, self.cache.dtype)
             if background and len(self._buckets) > 1:
                 rest = self._buckets[1:]
                 self._warming = threading.Thread(target=self.compiled.warmup, name="lmforge-compile", daemon=True,
-                                                 args=(self.max_batch, rest, self.cache.dtype, counts))
+                                                 args=(self.max_batch, rest, self.cache.dtype))
                 self._warming.start()
         sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         self.generate([[0, 1]], sp)
@@ -622,10 +621,9 @@ class Engine:
         """One batched decode forward: the next-token logits [R, V] of the decoding rows."""
         n = max(g._slot for g in rows) + 1
         compiled = self.compiled is not None and self.compiled.is_warm(self.max_batch, self._bucket(n))
-        key = (1 << (n - 1).bit_length(), compiled)  # batch-size class, graph or eager
+        key = (1 << (n - 1).bit_length(), compiled)  # batch-size class, compiled or eager
         threads = self._decode_threads.pick(key)
         set_threads(threads)
-        compiled = compiled and self.compiled.is_warm(self.max_batch, self._bucket(n), threads)
         t0 = time.perf_counter()
         logits = self._decode_forward(rows, n, compiled)
         self._decode_threads.record(key, threads, time.perf_counter() - t0)

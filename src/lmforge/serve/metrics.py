@@ -51,7 +51,7 @@ class Metrics:
             ("lmforge_queue_length", "gauge", "Requests waiting for a slot.", lambda s, ld: ld["waiting"]),
             ("lmforge_running_requests", "gauge", "Requests in the running batch (slots in use).",
              lambda s, ld: ld["running"]),
-            ("lmforge_compiling", "gauge", "1 while the decode graphs of larger batch sizes compile in the background "
+            ("lmforge_compiling", "gauge", "1 while the decode packages of larger batch sizes compile in the background "
              "(batches run eagerly, slower, until then).", lambda s, ld: ld["compiling"]),
         ]
         for name, kind, help_text, get in simple:
