@@ -118,3 +118,22 @@ def test_frozen_graphs_of_two_models_of_one_shape_keep_their_own_weights(tmp_pat
         assert got[-1] == want
     assert got[0] != got[1]  # two different models, or the test shows nothing
     assert counters["inductor"]["cpp_templated_kernel_counter"] > 0  # weights were constants: the template ran
+
+
+def test_a_failed_compile_decodes_eagerly(model, monkeypatch, tmp_path, caplog):
+    """A model export or Inductor cannot take costs speed, not the answer: the engine says so and runs eagerly."""
+    monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(decode.CompiledDecode, "_compile", broken)
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = Engine(model, max_batch=2).generate([[5, 6, 7]], sp)[0]
+    eng = Engine(model, max_batch=2, compile=True, threads=1)
+    eng.compiled = decode.CompiledDecode(model, 1)  # not the shared one other tests filled
+    with caplog.at_level("WARNING", logger="lmforge.engine"):
+        eng.warmup()
+    assert "unsupported operator" in caplog.text and "decode eagerly" in caplog.text
+    assert not eng.compiled.is_warm(2, 1)
+    assert eng.generate([[5, 6, 7]], sp)[0] == want

@@ -240,12 +240,17 @@ class CompiledDecode:
         first), while memory allows; returns the seconds it took."""
         t = time.perf_counter()
         todo = [b for b in buckets if (slots, b) not in self.graphs]
-        for b in todo:
+        for i, b in enumerate(todo):
             if len(self.graphs) >= self.frozen_copies:
                 log.info("not enough memory for another copy of the weights: batches of %s rows decode eagerly",
-                         ", ".join(map(str, todo[todo.index(b):])))
+                         ", ".join(map(str, todo[i:])))
                 break
-            self._load(slots, b, dtype)
+            try:
+                self._load(slots, b, dtype)
+            except Exception as e:  # a model export or Inductor cannot take: slower, but it still answers
+                log.warning("compiling the decode step failed (%s: %s): batches of %s rows decode eagerly",
+                            type(e).__name__, e, ", ".join(map(str, todo[i:])), exc_info=log.isEnabledFor(logging.DEBUG))
+                break
         dt = time.perf_counter() - t
         if todo:
             log.info("compiled decode for batch sizes %s in %.1f s (%d compiled, the rest loaded; compile cache %s)",
