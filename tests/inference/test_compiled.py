@@ -80,6 +80,13 @@ def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
     assert again.generate(ps, short) == want
 
 
+def test_packages_of_other_code_are_not_loaded(model, monkeypatch):
+    """A package runs the code it was built from: after an upgrade of lmforge's model code it must not load."""
+    before = decode.CompiledDecode(model, 1).cache_dir
+    monkeypatch.setattr(decode, "code_digest", lambda: "other")
+    assert decode.CompiledDecode(model, 1).cache_dir != before
+
+
 def test_twin_shares_the_tensors_but_not_the_modules(model):
     """What makes a background compile safe: export swaps the traced modules' parameters for fake tensors."""
     twin = decode._twin(model)

@@ -31,8 +31,8 @@ Decisions (measured on this project's 2-core EPYC; figures and commands in docs/
 - padding rows of a bucket (and rows still prefilling) write nothing to the cache (`write_mask`) and attend to
   one key; their logits are dropped.
 - packages live in the compile cache (model/compile_cache.py), under a key of the model's shape, dtype,
-  quantization and the Inductor options (thread count included), named by slot count, bucket and a digest of the
-  weights (which they hold); written to a temporary name and renamed, so a killed compile leaves nothing that
+  quantization, the Inductor options (thread count included) and a digest of the code they were built from
+  (`code_digest`), named by slot count, bucket and a digest of the weights (which they hold); written to a temporary name and renamed, so a killed compile leaves nothing that
   looks whole. A package that fails to load is compiled again.
 - export traces a twin of the module tree (`_twin`: new module objects over the same tensors): it swaps the
   parameters of the module it traces for fake tensors while it runs, and a server compiles its larger batch
@@ -92,6 +92,19 @@ def weights_digest(model: nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(name.encode())
         h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
+    return h.hexdigest()
+
+
+def code_digest() -> str:
+    """A hash of the source files whose code a package runs (lmforge's model package and this file), part of the
+    compile-cache key: a package built from other lmforge code is never loaded."""
+    import hashlib
+
+    import lmforge.model
+
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(Path(lmforge.model.__file__).parent.glob("*.py")) + [Path(__file__)]:
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -206,7 +219,7 @@ class CompiledDecode:
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
             quantize="int4" if "Int4" in quant else "int8" if "Int8" in quant else "none",
-            model=dataclasses.asdict(model.cfg), weights=quant, options=self.options)
+            model=dataclasses.asdict(model.cfg), weights=quant, options=self.options, code=code_digest())
         self._digest: str | None = None  # of the weights, computed at the first package
         self.graphs: dict[tuple[int, int], object] = {}  # (slots, bucket) -> the loaded package's runner
         self.compiled = 0  # packages this object compiled (the others came from disk)
