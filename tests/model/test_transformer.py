@@ -143,5 +143,5 @@ def test_write_mask_leaves_rows_untouched():
                 write_mask=torch.tensor([True, False, True]))
         assert out.shape == (3, 1, m.cfg.vocab_size)
         for before, after in zip(held, cache.k + cache.v):
-            assert torch.equal(before[:, 1], after[:, 1])  # slot 1 as it was
-            assert not torch.equal(before[3, 0], after[3, 0]) and not torch.equal(before[9, 2], after[9, 2])
+            assert torch.equal(before[1], after[1])  # slot 1 as it was
+            assert not torch.equal(before[0, :, 3], after[0, :, 3]) and not torch.equal(before[2, :, 9], after[2, :, 9])

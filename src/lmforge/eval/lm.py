@@ -110,9 +110,9 @@ class EvalModel:
             cache = self.model.new_cache(n, len(ctx) + width)
             first = self.model(torch.tensor([ctx], device=self.device), input_pos=0, cache=cache,
                                logits_index=torch.tensor([len(ctx) - 1], device=self.device))  # 1 1 V
-            for layer in range(len(cache.k)):  # every row starts from the same context (positions outermost)
-                cache.k[layer][:len(ctx), 1:] = cache.k[layer][:len(ctx), :1]
-                cache.v[layer][:len(ctx), 1:] = cache.v[layer][:len(ctx), :1]
+            for layer in range(len(cache.k)):  # every row (slot) starts from the same context
+                cache.k[layer][1:, :, :len(ctx)] = cache.k[layer][:1, :, :len(ctx)]
+                cache.v[layer][1:, :, :len(ctx)] = cache.v[layer][:1, :, :len(ctx)]
             rest = self.model(cont, input_pos=len(ctx), cache=cache)  # n T V: position j predicts token j + 1
             logp = torch.log_softmax(torch.cat([first.expand(n, 1, -1), rest[:, :-1]], dim=1).float(), dim=-1)
         out = []

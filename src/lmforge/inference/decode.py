@@ -25,7 +25,7 @@ Decisions (measured on this project's 2-core EPYC; figures and commands in docs/
   loaded while their copies fit in a quarter of the memory available (`frozen_copies_allowed`), batch 1 first;
   the batch sizes beyond that decode eagerly (and say so in the log).
 - static shapes but for two sizes: batch sizes are bucketed (1, 2, 4, 8, ..., max_batch), one package each with its
-  matmuls tuned for that row count; the cache's capacity (dimension 0 of all 2 x layers cache tensors: one
+  matmuls tuned for that row count; the cache's capacity (dimension 2 of all 2 x layers cache tensors: one
   symbol, export's `Dim`) and the attended length L (the length of the `keys` input) are dynamic, so neither a
   longer context nor a grown cache recompiles.
 - padding rows of a bucket (and rows still prefilling) write nothing to the cache (`write_mask`) and attend to
@@ -176,7 +176,7 @@ class _Step(nn.Module):
         self.model = model
 
     def forward(self, rows: torch.Tensor, keys: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]):
-        torch._check(keys.shape[0] <= k[0].shape[0])  # the caller reserved room for L positions
+        torch._check(keys.shape[0] <= k[0].shape[2])  # the caller reserved room for L positions
         tokens, pos = rows[0][:, None], rows[1][:, None]  # Bb 1
         mask = self.model.window_mask(pos, keys.shape[0])  # Bb 1 1 L
         return self.model(tokens, input_pos=pos, cache=_CacheViews(k, v), mask=mask,
@@ -295,7 +295,7 @@ class CompiledDecode:
         keys = torch.empty(capacity // 2 + 1, dtype=torch.uint8, device=self.device)
         cap, length = torch.export.Dim("capacity", min=2, max=top), torch.export.Dim("length", min=1, max=top)
         n = cfg.n_layers
-        shapes = {"rows": None, "keys": {0: length}, "k": [{0: cap}] * n, "v": [{0: cap}] * n}
+        shapes = {"rows": None, "keys": {0: length}, "k": [{2: cap}] * n, "v": [{2: cap}] * n}
         with torch.no_grad():
             program = torch.export.export(_Step(_twin(self.model)), (rows, keys, scratch.k, scratch.v),
                                           dynamic_shapes=shapes, strict=False)
