@@ -80,6 +80,31 @@ def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
     assert again.generate(ps, short) == want
 
 
+def test_compiled_int4_calls_lmforge_kernel_and_equals_eager(tmp_path, monkeypatch):
+    """int4 layers in lmforge's q4 packing: the package calls the kernel's C function (linked by name, loaded
+    before the package) and gives eager int4's greedy ids."""
+    from lmforge.model import q4_kernel
+    from lmforge.model.quantize import quantize
+
+    if not q4_kernel.available():
+        pytest.skip("needs AVX512-VNNI")
+    monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path))
+    torch.manual_seed(3)
+    m = Transformer(preset("test").replace(max_seq_len=256, intermediate_size=384))
+    m.init_weights(3)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(4.0)
+    m.eval().fuse_projections()
+    quantize(m, "int4")
+    assert {mod.packing for mod in m.modules() if hasattr(mod, "packing")} == {"q4"}
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = Engine(m, max_batch=1).generate([[3, 1, 4, 1, 5]], sp)[0]
+    eng = Engine(m, max_batch=1, compile=True)
+    eng.warmup()
+    assert eng.compiled.is_warm(1, 1)
+    assert eng.generate([[3, 1, 4, 1, 5]], sp)[0] == want
+
+
 def test_packages_of_other_code_are_not_loaded(model, monkeypatch):
     """A package runs the code it was built from: after an upgrade of lmforge's model code it must not load."""
     before = decode.CompiledDecode(model, 1).cache_dir

@@ -41,6 +41,7 @@ Decisions (measured on this project's 2-core EPYC; figures and commands in docs/
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -54,6 +55,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lmforge.model import q4_kernel
 
 log = logging.getLogger("lmforge.engine")
 
@@ -141,7 +144,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 def describe_weights(model: nn.Module) -> str:
     """What the weights are, for the compile-cache key: dtype and the kinds of projection (quantized or not)."""
-    kinds = sorted({type(m).__name__ + (f"-g{m.group_size}" if hasattr(m, "group_size") else "")
+    kinds = sorted({type(m).__name__ + (f"-g{m.group_size}-{m.packing}" if hasattr(m, "group_size") else "")
                     for m in model.modules() if type(m).__name__.endswith("Linear")})
     return ",".join(kinds)
 
@@ -215,6 +218,7 @@ class CompiledDecode:
         w = model.model.embed_tokens.weight
         self.device = w.device
         quant = describe_weights(model)
+        self.q4 = "q4" in quant  # int4 layers on lmforge's kernel: packages link it, and it loads before them
         self.frozen_copies = frozen_copies_allowed(model)  # packages that may be loaded at once
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
@@ -225,10 +229,14 @@ class CompiledDecode:
         self.compiled = 0  # packages this object compiled (the others came from disk)
 
     def inductor_options(self, dtype: torch.dtype, bucket: int) -> dict:
-        """The Inductor options a bucket's package is compiled with (see WIDE_ROWS)."""
+        """The Inductor options a bucket's package is compiled with (see WIDE_ROWS; int4 layers packed for
+        lmforge's q4 kernel call it through its C function)."""
+        options = dict(self.options)
         if dtype == torch.float32 and bucket >= WIDE_ROWS:
-            return dict(self.options, max_autotune_gemm_backends="ATEN")
-        return dict(self.options)
+            options["max_autotune_gemm_backends"] = "ATEN"
+        if self.q4:
+            options.update(q4_kernel.aoti_options())
+        return options
 
     def is_warm(self, slots: int, bucket: int) -> bool:
         """Whether the package for this slot count and bucket is loaded."""
@@ -275,6 +283,8 @@ class CompiledDecode:
             if self._digest is None:
                 self._digest = weights_digest(self.model)
             path = self.cache_dir / f"decode-{slots}x{bucket}-{self._digest}.pt2"
+            if self.q4:
+                q4_kernel.load()
             if path.exists():
                 try:
                     self.graphs[slots, bucket] = torch._inductor.aoti_load_package(str(path)).loader
@@ -302,8 +312,8 @@ class CompiledDecode:
         _without_onednn_packing()
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.pt2")
         try:
-            with warnings.catch_warnings():  # torch's own deprecation notices, nothing the user can act on
-                warnings.simplefilter("ignore", FutureWarning)
+            with warnings.catch_warnings(), (q4_kernel.linking() if self.q4 else contextlib.nullcontext()):
+                warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation notices: not the user's to act on
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                          inductor_configs=self.inductor_options(dtype, bucket))

@@ -14,14 +14,18 @@ Forward, measured on an AVX-512/AMX Xeon (benchmarks/bench_decode.py):
   - without that kernel (old torch, other devices, in_features not a multiple of 16): dequantize, then F.linear.
 
 int4 (Int4Linear): groups of `group_size` input columns (default 32, llama.cpp's q4 block) with an asymmetric
-min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's and torchao's int4 weight-only),
-packed in torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits per weight
-and dequantizes in registers (bf16 activations, bf16 scales). Many rows (prefill): the weight is unpacked to bf16
-(W^T, the layout the packing leaves) once per call for the bf16 GEMM, as for int8: the kernel's cost grows with
-the rows (at 512 rows ~4x the bf16 GEMM), unpacking costs about one GEMM. A projection whose shape the kernel
-cannot take (out_features not a multiple of 16, in_features not a multiple of any group size down to 16) stays
-int8, and `quantize` says so.
-CPU only: the kernel and its packing are the CPU ones.
+min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's, torchao's and llama.cpp's q4_1),
+in one of two packings, chosen when the layer is made:
+  - "q4" (groups of 32 on a CPU with AVX512-VNNI): lmforge's own kernel (model/q4_kernel.cpp), 16 bytes a block
+    plus a float16 scale and minimum; up to Q4_MAX_ROWS rows it rounds each block of activations to int8 and
+    multiplies with integer dot products, as llama.cpp does (1.5-1.6x torch's int4 kernel at one row);
+  - "torch" (elsewhere): torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits
+    per weight and dequantizes in registers (bf16 activations, bf16 scales), up to _INT4_FUSED_MAX_ROWS rows.
+Many rows (prefill): the weight is unpacked to bf16 (W^T) once per call for the bf16 GEMM, as for int8: the
+kernels' cost grows with the rows (torch's at 512 rows ~4x the bf16 GEMM), unpacking costs about one GEMM. A
+projection whose shape the kernels cannot take (out_features not a multiple of 16, in_features not a multiple of
+any group size down to 16) stays int8, and `quantize` says so.
+CPU only: the kernels and their packings are the CPU ones.
 
 What is quantized: attention and MLP projections (fused qkv_proj / gate_up_proj too) and the lm_head (in small
 models the lm_head is a large share of the bytes read per token; when tied, the embedding table stays full
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import q4_kernel
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
                "qkv_proj", "gate_up_proj")
@@ -45,7 +50,8 @@ METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 log = logging.getLogger("lmforge.quantize")
 _FUSED_MAX_ROWS = 16  # int8: above this many rows the dequantize + bf16 GEMM path is faster (measured)
-_INT4_FUSED_MAX_ROWS = 128  # the int4 kernel stays ahead of unpacking + bf16 GEMM up to about here (measured)
+_INT4_FUSED_MAX_ROWS = 128  # torch's int4 kernel stays ahead of unpacking + bf16 GEMM up to about here (measured)
+Q4_MAX_ROWS = 16  # lmforge's q4 kernel: up to here; beyond, unpacking + bf16 GEMM is faster (measured)
 _DEQUANT_CHUNK = 1 << 18  # fp32 elements per step of Int4Linear.dequantize_t (1 MB: stays in cache)
 _HAS_PACK_MM = hasattr(torch, "_weight_int8pack_mm")
 
@@ -126,6 +132,41 @@ def unpack_int4_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return out
 
 
+def pack_q4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q [n, k] in 0..15 with scale and minimum [n, k/32] -> (qweight uint8 [n/4, 2k], scales, mins float16
+    [n/4, 4 k/32]) in q4_kernel.cpp's layout: tiles of 4 rows; per tile, pairs of blocks of the 4 rows, then an odd
+    last block; a block of 32 is 16 bytes, byte j = q[j] | q[j + 16] << 4. n must be a multiple of 4."""
+    n, k = q.shape
+    nb, t = k // 32, n // 4
+    qb = q.reshape(t, 4, nb, 2, 16).to(torch.uint8)
+    blocks = (qb[..., 0, :] | (qb[..., 1, :] << 4))  # t 4 nb 16
+    pairs = blocks[:, :, :nb // 2 * 2].reshape(t, 4, nb // 2, 32).transpose(1, 2)  # t np 4 32
+    parts = [pairs.reshape(t, -1)] + ([blocks[:, :, -1].reshape(t, -1)] if nb % 2 else [])
+    s = scale.to(torch.float16).reshape(t, 4, nb)
+    sp = [s[:, :, :nb // 2 * 2].reshape(t, 4, nb // 2, 2).transpose(1, 2).reshape(t, -1)]
+    sp += [s[:, :, -1]] if nb % 2 else []
+    return (torch.cat(parts, 1).contiguous(), torch.cat(sp, 1).contiguous(),
+            lo.to(torch.float16).reshape(t, 4 * nb).contiguous())
+
+
+def unpack_q4_t(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Invert `pack_q4`, transposed: (q uint8 [k, n] in 0..15, scale and minimum float32 [k/32, n])."""
+    nb, t = k // 32, n // 4
+    np_ = nb // 2
+    pairs = qweight[:, :np_ * 4 * 32].view(t, np_, 4, 2, 16).permute(0, 2, 1, 3, 4).reshape(t, 4, np_ * 2, 16)
+    blocks = torch.cat([pairs, qweight[:, np_ * 4 * 32:].view(t, 4, 1, 16)], 2) if nb % 2 else pairs  # t 4 nb 16
+    b = blocks.reshape(n, nb, 16).permute(1, 2, 0)  # nb 16 n
+    q = torch.empty(nb, 2, 16, n, dtype=torch.uint8, device=qweight.device)
+    torch.bitwise_and(b, 15, out=q[:, 0])
+    torch.bitwise_right_shift(b, 4, out=q[:, 1])
+    s = scales.float()
+    sc = s[:, :np_ * 8].view(t, np_, 4, 2).permute(0, 2, 1, 3).reshape(t, 4, np_ * 2)
+    if nb % 2:
+        sc = torch.cat([sc, s[:, np_ * 8:].view(t, 4, 1)], 2)
+    return q.view(k, n), sc.reshape(n, nb).t(), mins.float().view(n, nb).t()
+
+
 def int4_group_size(linear: nn.Linear, group_size: int) -> int | None:
     """The largest group size <= group_size (powers of two down to 16) the int4 kernel takes for this layer."""
     if linear.out_features % 16:
@@ -139,29 +180,43 @@ def int4_group_size(linear: nn.Linear, group_size: int) -> int | None:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T + bias, W in int4 groups (see the module docstring), packed for the CPU kernel."""
+    """y = x W^T + bias, W in int4 groups (see the module docstring), packed for a CPU kernel: `packing` is "q4"
+    (lmforge's kernel: buffers qweight, scales, mins) or "torch" (torch's: buffers qweight, scales_zeros)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE):
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         if linear.weight.device.type != "cpu":
-            raise LmforgeError("int4 quantization runs on CPU only (torch's int4 CPU kernel); use int8 elsewhere")
+            raise LmforgeError("int4 quantization runs on CPU only (CPU int4 kernels); use int8 elsewhere")
         q, scale, lo = quantize_int4_weight(linear.weight, group_size)
-        # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
-        zeros = lo + 8 * scale
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # n k/2 uint8
-        self.register_buffer("scales_zeros", torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
-                             .to(torch.bfloat16))  # k/g n 2
+        self.packing = "q4" if group_size == 32 and q4_kernel.available() else "torch"
+        if self.packing == "q4":
+            q4_kernel.load()
+            qweight, scales, mins = pack_q4(q, scale, lo)
+            self.register_buffer("qweight", qweight)  # n/4 2k uint8
+            self.register_buffer("scales", scales)  # n/4 4k/32 float16
+            self.register_buffer("mins", mins)
+        else:
+            # torch's kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
+            zeros = lo + 8 * scale
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # n k/2
+            self.register_buffer("scales_zeros", torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
+                                 .to(torch.bfloat16))  # k/g n 2
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def dequantize_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W^T [in, out]: the layout the packing leaves, and what the prefill GEMM takes as is. Computed in fp32
-        a few groups at a time: unpacking W itself (a transposing copy), one whole-matrix fp32 temporary (page
-        faults on a fresh allocation each call) or bf16 broadcasting ops (torch's are slow) made it 3-5x slower."""
+        """W^T [in, out]: the layout torch's packing leaves, and what the prefill GEMM takes as is. Computed in
+        fp32 a few groups at a time: unpacking W itself (a transposing copy), one whole-matrix fp32 temporary
+        (page faults on a fresh allocation each call) or bf16 broadcasting ops (torch's are slow) made it 3-5x
+        slower."""
         n, k, g = self.out_features, self.in_features, self.group_size
-        q = unpack_int4_t(self.qweight, n, k).view(k // g, g, n)
-        sz = self.scales_zeros.float()[:, None]  # k/g 1 n 2
-        scale, offset = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # the kernel's (q - 8) * scale + zero
+        if self.packing == "q4":
+            q, scale, offset = unpack_q4_t(self.qweight, self.scales, self.mins, n, k)
+            q, scale, offset = q.view(k // g, g, n), scale[:, None], offset[:, None]  # k/g g n, k/g 1 n
+        else:
+            q = unpack_int4_t(self.qweight, n, k).view(k // g, g, n)
+            sz = self.scales_zeros.float()[:, None]  # k/g 1 n 2
+            scale, offset = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # the kernel's (q - 8) * scale + zero
         out = torch.empty(k // g, g, n, dtype=dtype, device=q.device)
         step = max(1, _DEQUANT_CHUNK // (g * n))
         for i in range(0, k // g, step):
@@ -173,19 +228,24 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] <= _INT4_FUSED_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size,
-                                                           self.scales_zeros)
+        x2 = x.reshape(-1, self.in_features)
+        if self.packing == "q4" and x2.shape[0] <= Q4_MAX_ROWS:
+            y = q4_kernel.q4_mm(x2, self.qweight, self.scales, self.mins)
+        elif self.packing == "q4":
+            y = F.linear(x2.to(torch.bfloat16), q4_kernel.q4_dequant(self.qweight, self.scales, self.mins))
+        elif x2.shape[0] <= _INT4_FUSED_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.qweight,
+                                                           self.group_size, self.scales_zeros)
         else:
-            y = x2 @ self.dequantize_t(torch.bfloat16)
+            y = x2.to(torch.bfloat16) @ self.dequantize_t(torch.bfloat16)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of "
+                f"{self.group_size}, {self.packing} packing")
 
 
 def _swap(model: nn.Module, targets: tuple[str, ...], make) -> int:

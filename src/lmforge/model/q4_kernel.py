@@ -1,0 +1,157 @@
+"""lmforge's own int4 matmul kernel (q4_kernel.cpp): few-row int4 x int8 dot products with AVX512-VNNI, the way
+llama.cpp's q4 kernels work, about 2x torch's int4 CPU kernel on this project's machine (measured in
+benchmarks/bench_decode.py and tests/inference/test_q4_kernel.py's docstring).
+
+Owns: whether this machine can use it (`available`), building it on first use with the machine's C++ compiler
+into lmforge's compile cache (a shared library per source, flags and torch version: a second start only loads it),
+loading it (`load`: registers the torch operator `lmforge::lmforge_q4_mm` and its shape function, so eager code
+and torch.export both call it), and the Inductor options that let an AOTInductor package call its C function
+directly (`aoti_options`). Quantization (model/quantize.py) decides which layers use it and packs their weights.
+
+Why a kernel of our own: torch's int4 CPU kernels (eager `_weight_int4pack_mm_for_cpu`, and Inductor's int4
+GEMM template) dequantize every weight to fp32 and multiply-add, so int4 decode was compute-bound at 0.70-0.77x
+llama.cpp's q4_0 on every shape; rounding each 32-value block of activations to int8 (as llama.cpp does) turns a
+block's products into one `vpdpbusd`. Only CPUs with AVX512 (F, BW, VL), AVX512-VNNI and F16C; elsewhere int4
+layers keep torch's kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lmforge.quantize")
+
+SOURCE = Path(__file__).with_name("q4_kernel.cpp")
+LIBRARY = "lmforge_q4"  # liblmforge_q4.so; AOTInductor packages link it by this name
+C_SHIMS = {  # operator -> the C function AOTInductor packages call for it
+    "lmforge_q4_mm": "AOTITorchError aoti_torch_cpu_lmforge_q4_mm(AtenTensorHandle x, AtenTensorHandle qweight, "
+                     "AtenTensorHandle scales, AtenTensorHandle mins, AtenTensorHandle* ret0)",
+    "lmforge_q4_dequant": "AOTITorchError aoti_torch_cpu_lmforge_q4_dequant(AtenTensorHandle qweight, "
+                          "AtenTensorHandle scales, AtenTensorHandle mins, AtenTensorHandle* ret0)",
+}
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+            "-mavx512vnni", "-mf16c", "-mfma"]
+_LOCK = threading.Lock()
+_loaded: Path | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel can run here: Linux on x86-64 with the CPU features it uses, and a C++ compiler to build
+    it (LMFORGE_Q4_KERNEL=0 turns it off: int4 layers then use torch's kernel)."""
+    if os.environ.get("LMFORGE_Q4_KERNEL", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return all(f in _cpu_flags() for f in CPU_FLAGS) and _compiler() is not None
+
+
+def _build_dir() -> Path:
+    from lmforge.model.compile_cache import compile_cache_dir
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
+    return compile_cache_dir(torch.__version__, kind="kernel", name=LIBRARY, source=digest)
+
+
+def _build(out: Path) -> None:
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cmd = [_compiler(), *CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(tmp),
+           f"-Wl,-soname,lib{LIBRARY}.so", *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+           "-lc10", "-ltorch_cpu"]
+    log.info("building lmforge's int4 kernel (once per torch version): %s", out)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-3000:]}")
+    os.replace(tmp, out)
+
+
+def load() -> Path:
+    """Build (first time) and load the kernel; returns the library's path. Idempotent and thread-safe."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _LOCK:
+        if _loaded is None:
+            path = _build_dir() / f"lib{LIBRARY}.so"
+            if not path.exists():
+                _build(path)
+            torch.ops.load_library(str(path))
+
+            @torch.library.register_fake("lmforge::lmforge_q4_mm")
+            def _(x, qweight, scales, mins):
+                return x.new_empty((x.shape[0], 4 * qweight.shape[0]), dtype=torch.float32)
+
+            @torch.library.register_fake("lmforge::lmforge_q4_dequant")
+            def _(qweight, scales, mins):
+                return qweight.new_empty((4 * qweight.shape[0], qweight.shape[1] // 2), dtype=torch.bfloat16)
+
+            _loaded = path
+    return _loaded
+
+
+def aoti_options() -> dict:
+    """Inductor options for an AOTInductor package whose graph calls the kernel: call its C function directly
+    (no dispatcher on the way) and link the library by name. The linker finds it through LIBRARY_PATH
+    (`linking`); at run time it is already loaded under that name (`load`)."""
+    load()
+    shims = {getattr(torch.ops.lmforge, op).default: [decl] for op, decl in C_SHIMS.items()}
+    return {"aot_inductor.custom_ops_to_c_shims": shims, "aot_inductor.custom_op_libs": [LIBRARY]}
+
+
+@contextlib.contextmanager
+def linking():
+    """LIBRARY_PATH names the kernel's folder while a package that calls it is built."""
+    before = os.environ.get("LIBRARY_PATH")
+    os.environ["LIBRARY_PATH"] = os.pathsep.join(p for p in (str(load().parent), before) if p)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LIBRARY_PATH", None)
+        else:
+            os.environ["LIBRARY_PATH"] = before
+
+
+def q4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] @ W^T for W packed by quantize.pack_q4 (see q4_kernel.cpp)."""
+    load()
+    return torch.ops.lmforge.lmforge_q4_mm(x, qweight, scales, mins)
+
+
+def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """W [N, K] in bfloat16 from quantize.pack_q4's packing."""
+    load()
+    return torch.ops.lmforge.lmforge_q4_dequant(qweight, scales, mins)

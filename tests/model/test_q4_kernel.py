@@ -1,0 +1,82 @@
+"""lmforge's int4 kernel (model/q4_kernel.cpp) against plain torch arithmetic: the matmul equals the same math done
+in float (activations rounded to int8 per block of 32, as the kernel does) to float rounding, for every row count
+and the awkward shapes (an odd number of blocks, one pair, the smallest tile); the packing round-trips; the
+bfloat16 unpacking for prompts equals the weights; an Int4Linear in lmforge's packing and one in torch's agree.
+
+Speed (2 threads, this project's EPYC, `python benchmarks/bench_decode.py --shapes small --rows int4`): see
+docs/serve.md; per matrix at one row the kernel took 0.6x the time of torch's `_weight_int4pack_mm_for_cpu`."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.model import q4_kernel
+from lmforge.model import quantize as Q
+
+pytestmark = pytest.mark.skipif(not q4_kernel.available(), reason="needs AVX512-VNNI and a C++ compiler")
+
+
+def packed(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 0, n)[:, None]  # rows of very different scales
+    q, scale, lo = Q.quantize_int4_weight(w, 32)
+    return q, scale, lo, Q.pack_q4(q, scale, lo)
+
+
+def reference(x: torch.Tensor, q, scale, lo) -> torch.Tensor:
+    """The kernel's math in float64: x rounded to int8 per block of 32 for the q * scale part; the min part uses
+    x's exact block sums (sum_j (q_j s + m) x_j = s sum_j q_j x_j + m sum_j x_j); float16 scales and minimums."""
+    m, k = x.shape
+    n = q.shape[0]
+    xb = x.double().reshape(m, k // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xb / d), torch.zeros_like(xb)) * d
+    s, mn = scale.half().double(), lo.half().double()
+    wq = (q.double().reshape(n, k // 32, 32) * s[..., None]).reshape(n, k)
+    return xq.reshape(m, k) @ wq.t() + xb.sum(-1) @ mn.t()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("n,k", [(2752, 512), (512, 1376), (16, 96), (4, 64), (36, 32)])
+def test_matmul_equals_the_same_math_in_float(rows, n, k):
+    q, scale, lo, (qw, s, mn) = packed(n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    y = q4_kernel.q4_mm(x, qw, s, mn)
+    ref = reference(x, q, scale, lo)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() <= 2e-5 * ref.abs().max()
+    # bf16 activations give the same answer as their fp32 values
+    assert torch.equal(q4_kernel.q4_mm(x.bfloat16(), qw, s, mn), q4_kernel.q4_mm(x.bfloat16().float(), qw, s, mn))
+
+
+@pytest.mark.parametrize("n,k", [(2752, 512), (512, 1376), (16, 96), (4, 32)])
+def test_packing_round_trips_and_unpacks_for_prompts(n, k):
+    q, scale, lo, (qw, s, mn) = packed(n, k)
+    assert qw.shape == (n // 4, 2 * k) and s.shape == mn.shape == (n // 4, 4 * (k // 32))
+    uq, us, um = Q.unpack_q4_t(qw, s, mn, n, k)
+    assert torch.equal(uq.t(), q.to(torch.uint8))
+    assert torch.equal(us.t(), scale.half().float()) and torch.equal(um.t(), lo.half().float())
+    w = (uq.t().float().reshape(n, k // 32, 32) * us.t()[..., None] + um.t()[..., None]).reshape(n, k)
+    assert torch.equal(q4_kernel.q4_dequant(qw, s, mn), w.bfloat16())
+
+
+def test_a_zero_block_of_activations_gives_zero_not_nan():
+    _, _, _, (qw, s, mn) = packed(8, 64)
+    x = torch.zeros(1, 64)
+    x[0, 40] = 1.0  # the first block all zeros (its int8 scale is 0)
+    y = q4_kernel.q4_mm(x, qw, s, mn)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("rows", [1, 12, 40])  # the kernel (up to Q4_MAX_ROWS), then unpacking + bf16 GEMM
+def test_int4_linear_packings_agree(rows, monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    ours = Q.Int4Linear(lin, 32)
+    monkeypatch.setenv("LMFORGE_Q4_KERNEL", "0")
+    theirs = Q.Int4Linear(lin, 32)
+    assert ours.packing == "q4" and theirs.packing == "torch"
+    assert (ours.dequantize() - theirs.dequantize()).abs().max() < 2e-3  # float16 vs bfloat16 scales
+    x = torch.randn(rows, 256)
+    a, b = ours(x), theirs(x)
+    assert (a - b).abs().max() < 0.02 * b.abs().max()
