@@ -9,7 +9,8 @@ Perplexity is exp(mean NLL) over sliding windows (lmforge.eval.perplexity.slidin
 model's context, stride half of it). int8 and int4 are lmforge.model.quantize (int8: per-output-channel
 symmetric; int4: groups of g input columns, min/max each), loaded as `lmforge generate --quantize` loads them
 (fused projections, the head quantized too). A window scores many rows per matmul, which takes the dequantize +
-bf16 GEMM path; the "-decode-kernel" rows push every row through the kernels decode uses (bf16 activations).
+bf16 GEMM path; the "-decode-kernel" rows push every row through the kernels decode uses (bf16 activations, but
+int4 in lmforge's q4 packing, whose kernel rounds them to int8 per block of 32 as llama.cpp does).
 The change is reported against fp32, as a percentage of perplexity.
 A random-weight model says nothing here (its perplexity is ~vocab size whatever the rounding): use a trained one.
 """
@@ -83,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         for g in [int(x) for x in args.int4_groups.split(",") if x]:
             variants += [(f"int4-g{g}", "float32", "int4", None, g),
                          (f"int4-g{g}-decode-kernel", "float32", "int4", 10**9, g)]
-        default_rows, default_group = q._FUSED_MAX_ROWS, q.INT4_GROUP_SIZE
+        defaults = q._FUSED_MAX_ROWS, q._INT4_FUSED_MAX_ROWS, q.Q4_MAX_ROWS, q.INT4_GROUP_SIZE
         for name, dtype, quant, fused_rows, group in variants:
-            q._FUSED_MAX_ROWS = fused_rows or default_rows
-            q.INT4_GROUP_SIZE = group or default_group
+            # every decode kernel (int8; int4 in torch's and in lmforge's packing) takes every row, or its default
+            q._FUSED_MAX_ROWS, q._INT4_FUSED_MAX_ROWS, q.Q4_MAX_ROWS = (
+                (fused_rows,) * 3 if fused_rows else defaults[:3])
+            q.INT4_GROUP_SIZE = group or defaults[3]
             lm = load(path, dtype=dtype, quantize=quant)
             ids = lm.tokenizer.encode(text)[: args.max_tokens]
             window = args.window or min(lm.model.cfg.max_seq_len, 2048)
