@@ -43,7 +43,11 @@ def test_buckets():
 
 
 def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
-    monkeypatch.setattr(decode, "WIDE_ROWS", 2)  # the batch-2 graph takes the wide-batch (aten matmul) path
+    """Batch 1 on the C++ GEMM template; batch 2 on lmforge's fp32 kernel where the machine has it, else on aten's
+    matmuls (the wide-batch path)."""
+    from lmforge.model import cpu_kernels
+
+    monkeypatch.setattr(decode, "WIDE_ROWS", 2)
     g = torch.Generator().manual_seed(1)
     ps = [torch.randint(0, 2048, (int(n),), generator=g).tolist() for n in (5, 30, 12)]
     long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)  # 256 -> 512 positions: one growth
@@ -56,6 +60,8 @@ def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
     assert eng.compiled is not None and eng.cache.capacity == 256
     assert eng.compiled.inductor_options(torch.float32, 2)["max_autotune_gemm_backends"] == "ATEN"
     assert eng.compiled.inductor_options(torch.float32, 1)["max_autotune_gemm_backends"] == "CPP,ATEN"
+    kernel = cpu_kernels.available()
+    assert eng.compiled._packs_f32(2) == kernel and not eng.compiled._packs_f32(1)
     # as a server starts: batch 1 now, batch 2 compiling in the background while requests run (export traces a
     # twin of the model, so the engine's own forwards never meet the fake tensors it swaps in)
     eng.warmup(background=True)
@@ -68,7 +74,9 @@ def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
                                                                                           short)[0]
     assert eng.stats.prompt_tokens_reused > 0
     assert (eng.compiled.cache_dir / "key.json").is_file()
-    assert len(list(eng.compiled.cache_dir.glob("decode-2x*.pt2"))) == 2
+    packages = {int(p.stem.split("-")[1].split("x")[1]): p for p in eng.compiled.cache_dir.glob("decode-2x*.pt2")}
+    assert sorted(packages) == [1, 2]
+    assert [calls_f32_kernel(packages[b]) for b in (1, 2)] == [False, kernel]
     # a second engine over the same model reuses the loaded packages (eval builds one per run)
     again = Engine(model, max_batch=2, compile=True)
     assert again.compiled is eng.compiled and again.warmup() < 5
@@ -80,13 +88,21 @@ def test_compiled_greedy_ids_equal_eager_fp32(model, monkeypatch):
     assert again.generate(ps, short) == want
 
 
+def calls_f32_kernel(package) -> bool:
+    """Whether a package's compiled code calls lmforge's fp32 kernel (its C function's name, linked by name)."""
+    import zipfile
+
+    with zipfile.ZipFile(package) as z:
+        return any(b"aoti_torch_cpu_lmforge_f32_mm" in z.read(n) for n in z.namelist() if n.endswith(".so"))
+
+
 def test_compiled_int4_calls_lmforge_kernel_and_equals_eager(tmp_path, monkeypatch):
     """int4 layers in lmforge's q4 packing: the package calls the kernel's C function (linked by name, loaded
     before the package) and gives eager int4's greedy ids."""
-    from lmforge.model import q4_kernel
+    from lmforge.model import cpu_kernels
     from lmforge.model.quantize import quantize
 
-    if not q4_kernel.available():
+    if not cpu_kernels.available():
         pytest.skip("needs AVX512-VNNI")
     monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path))
     torch.manual_seed(3)

@@ -17,10 +17,12 @@ Decisions (measured on this project's 2-core EPYC; figures and commands in docs/
   (`max_autotune` with the CPP backend) packs each matrix once in the blocking it tuned for that shape.
   oneDNN's own weight-packing pass is kept out (`_without_onednn_packing`): the template packs plain tensors,
   measured as fast (session 4's A/B in docs/serve.md), and nothing depends on oneDNN's opaque tensor type.
-- fp32 batches of WIDE_ROWS (8) rows and more use aten's matmuls instead of the C++ GEMM template: autotuning
-  times the candidates on cache-hot weights and picks the template, which is then up to 1.6x slower on weights
-  streamed from memory. With it (and the decode attention of model/transformer.py) the 27M fp32 server gives
-  4.2x one stream's tokens/s at 16 streams.
+- fp32 projections of batches of F32_KERNEL_ROWS rows and more run on lmforge's own fp32 kernel
+  (model/cpu_kernels.py: weights packed in tiles of 16 output columns, `PackedF32Linear` swapped into the twin
+  that is exported, so the packed copy is what the package freezes): at 16 rows a step's matmuls took 6.4-7.0 ms
+  against 16.7 for aten's (MKL) and were slower still in the C++ GEMM template, which autotuning times on
+  cache-hot weights (up to 1.6x slower than aten's on weights streamed from memory). Without the kernels (another
+  CPU, LMFORGE_CPU_KERNELS=0), fp32 batches of WIDE_ROWS (8) rows and more use aten's matmuls.
 - the price of freezing is memory: each loaded package holds its own packed copy of the weights. Packages are
   loaded while their copies fit in a quarter of the memory available (`frozen_copies_allowed`), batch 1 first;
   the batch sizes beyond that decode eagerly (and say so in the log).
@@ -56,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.model import q4_kernel
+from lmforge.model import cpu_kernels
 
 log = logging.getLogger("lmforge.engine")
 
@@ -71,6 +73,7 @@ INDUCTOR_OPTIONS = {
 # timings on cache-hot weights, was up to 1.6x slower on weights read from memory (27M shape, 2 threads, 8 and 16
 # rows: the 2752x512 gate/up matrix 4.7-5.9 GB/s against 7.0-7.6; at 1 row the template is the faster).
 WIDE_ROWS = 8
+F32_KERNEL_ROWS = 2  # fp32 buckets from this many rows use lmforge's fp32 kernel (at 1 row the GEMM template ties)
 FROZEN_MEMORY_FRACTION = 0.25  # of the available memory, for the packages' copies of the weights
 
 
@@ -158,6 +161,15 @@ def _twin(module: nn.Module) -> nn.Module:
     return twin
 
 
+def _pack_f32_linears(twin: nn.Module) -> None:
+    """Swap the twin's fp32 nn.Linears (the output head too) for copies packed for lmforge's fp32 kernel. Only the
+    twin changes: the package freezes the packed copies, the model keeps its own weights for prefill."""
+    for module in twin.modules():
+        for name, child in module._modules.items():
+            if child is not None and cpu_kernels.PackedF32Linear.fits(child):
+                module._modules[name] = cpu_kernels.PackedF32Linear(child)
+
+
 class _CacheViews:
     """What Transformer.forward needs of a KVCache, over the cache tensors a package is given."""
 
@@ -219,6 +231,7 @@ class CompiledDecode:
         self.device = w.device
         quant = describe_weights(model)
         self.q4 = "q4" in quant  # int4 layers on lmforge's kernel: packages link it, and it loads before them
+        self.f32 = w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernels.available()
         self.frozen_copies = frozen_copies_allowed(model)  # packages that may be loaded at once
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
@@ -234,9 +247,13 @@ class CompiledDecode:
         options = dict(self.options)
         if dtype == torch.float32 and bucket >= WIDE_ROWS:
             options["max_autotune_gemm_backends"] = "ATEN"
-        if self.q4:
-            options.update(q4_kernel.aoti_options())
+        if self.q4 or self._packs_f32(bucket):
+            options.update(cpu_kernels.aoti_options())
         return options
+
+    def _packs_f32(self, bucket: int) -> bool:
+        """Whether this bucket's package runs its fp32 projections on lmforge's fp32 kernel."""
+        return self.f32 and bucket >= F32_KERNEL_ROWS
 
     def is_warm(self, slots: int, bucket: int) -> bool:
         """Whether the package for this slot count and bucket is loaded."""
@@ -283,8 +300,8 @@ class CompiledDecode:
             if self._digest is None:
                 self._digest = weights_digest(self.model)
             path = self.cache_dir / f"decode-{slots}x{bucket}-{self._digest}.pt2"
-            if self.q4:
-                q4_kernel.load()
+            if self.q4 or self._packs_f32(bucket):
+                cpu_kernels.load()
             if path.exists():
                 try:
                     self.graphs[slots, bucket] = torch._inductor.aoti_load_package(str(path)).loader
@@ -306,13 +323,18 @@ class CompiledDecode:
         cap, length = torch.export.Dim("capacity", min=2, max=top), torch.export.Dim("length", min=1, max=top)
         n = cfg.n_layers
         shapes = {"rows": None, "keys": {0: length}, "k": [{2: cap}] * n, "v": [{2: cap}] * n}
+        kernels = self.q4 or self._packs_f32(bucket)
         with torch.no_grad():
-            program = torch.export.export(_Step(_twin(self.model)), (rows, keys, scratch.k, scratch.v),
+            twin = _twin(self.model)
+            if self._packs_f32(bucket):
+                _pack_f32_linears(twin)
+            program = torch.export.export(_Step(twin), (rows, keys, scratch.k, scratch.v),
                                           dynamic_shapes=shapes, strict=False)
+            del twin
         _without_onednn_packing()
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.pt2")
         try:
-            with warnings.catch_warnings(), (q4_kernel.linking() if self.q4 else contextlib.nullcontext()):
+            with warnings.catch_warnings(), (cpu_kernels.linking() if kernels else contextlib.nullcontext()):
                 warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation notices: not the user's to act on
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),

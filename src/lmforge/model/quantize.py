@@ -16,7 +16,7 @@ Forward, measured on an AVX-512/AMX Xeon (benchmarks/bench_decode.py):
 int4 (Int4Linear): groups of `group_size` input columns (default 32, llama.cpp's q4 block) with an asymmetric
 min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's, torchao's and llama.cpp's q4_1),
 in one of two packings, chosen when the layer is made:
-  - "q4" (groups of 32 on a CPU with AVX512-VNNI): lmforge's own kernel (model/q4_kernel.cpp), 16 bytes a block
+  - "q4" (groups of 32 on a CPU with AVX512-VNNI): lmforge's own kernel (model/cpu_kernels.cpp), 16 bytes a block
     plus a float16 scale and minimum; up to Q4_MAX_ROWS rows it rounds each block of activations to int8 and
     multiplies with integer dot products, as llama.cpp does (1.5-1.6x torch's int4 kernel at one row);
   - "torch" (elsewhere): torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model import q4_kernel
+from lmforge.model import cpu_kernels
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
                "qkv_proj", "gate_up_proj")
@@ -134,7 +134,7 @@ def unpack_int4_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def pack_q4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q [n, k] in 0..15 with scale and minimum [n, k/32] -> (qweight uint8 [n/4, 2k], scales, mins float16
-    [n/4, 4 k/32]) in q4_kernel.cpp's layout: tiles of 4 rows; per tile, pairs of blocks of the 4 rows, then an odd
+    [n/4, 4 k/32]) in cpu_kernels.cpp's layout: tiles of 4 rows; per tile, pairs of blocks of the 4 rows, then an odd
     last block; a block of 32 is 16 bytes, byte j = q[j] | q[j + 16] << 4. n must be a multiple of 4."""
     n, k = q.shape
     nb, t = k // 32, n // 4
@@ -189,9 +189,9 @@ class Int4Linear(nn.Module):
         if linear.weight.device.type != "cpu":
             raise LmforgeError("int4 quantization runs on CPU only (CPU int4 kernels); use int8 elsewhere")
         q, scale, lo = quantize_int4_weight(linear.weight, group_size)
-        self.packing = "q4" if group_size == 32 and q4_kernel.available() else "torch"
+        self.packing = "q4" if group_size == 32 and cpu_kernels.available() else "torch"
         if self.packing == "q4":
-            q4_kernel.load()
+            cpu_kernels.load()
             qweight, scales, mins = pack_q4(q, scale, lo)
             self.register_buffer("qweight", qweight)  # n/4 2k uint8
             self.register_buffer("scales", scales)  # n/4 4k/32 float16
@@ -230,9 +230,9 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.packing == "q4" and x2.shape[0] <= Q4_MAX_ROWS:
-            y = q4_kernel.q4_mm(x2, self.qweight, self.scales, self.mins)
+            y = cpu_kernels.q4_mm(x2, self.qweight, self.scales, self.mins)
         elif self.packing == "q4":
-            y = F.linear(x2.to(torch.bfloat16), q4_kernel.q4_dequant(self.qweight, self.scales, self.mins))
+            y = F.linear(x2.to(torch.bfloat16), cpu_kernels.q4_dequant(self.qweight, self.scales, self.mins))
         elif x2.shape[0] <= _INT4_FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                            self.group_size, self.scales_zeros)

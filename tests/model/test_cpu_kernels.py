@@ -1,4 +1,6 @@
-"""lmforge's int4 kernel (model/q4_kernel.cpp) against plain torch arithmetic: the matmul equals the same math done
+"""lmforge's CPU kernels (model/cpu_kernels.cpp) against plain torch arithmetic. fp32: the matmul equals float64's
+for every row count (row chunks of 8 and their remainders) and tile count (groups of 4 tiles and their
+remainders), and a packed linear equals nn.Linear. int4: the matmul equals the same math done
 in float (activations rounded to int8 per block of 32, as the kernel does) to float rounding, for every row count
 and the awkward shapes (an odd number of blocks, one pair, the smallest tile); the packing round-trips; the
 bfloat16 unpacking for prompts equals the weights; an Int4Linear in lmforge's packing and one in torch's agree.
@@ -10,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.model import q4_kernel
+from lmforge.model import cpu_kernels
 from lmforge.model import quantize as Q
 
-pytestmark = pytest.mark.skipif(not q4_kernel.available(), reason="needs AVX512-VNNI and a C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs AVX512-VNNI and a C++ compiler")
 
 
 def packed(n: int, k: int, seed: int = 0):
@@ -41,12 +43,12 @@ def reference(x: torch.Tensor, q, scale, lo) -> torch.Tensor:
 def test_matmul_equals_the_same_math_in_float(rows, n, k):
     q, scale, lo, (qw, s, mn) = packed(n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    y = q4_kernel.q4_mm(x, qw, s, mn)
+    y = cpu_kernels.q4_mm(x, qw, s, mn)
     ref = reference(x, q, scale, lo)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     assert (y.double() - ref).abs().max() <= 2e-5 * ref.abs().max()
     # bf16 activations give the same answer as their fp32 values
-    assert torch.equal(q4_kernel.q4_mm(x.bfloat16(), qw, s, mn), q4_kernel.q4_mm(x.bfloat16().float(), qw, s, mn))
+    assert torch.equal(cpu_kernels.q4_mm(x.bfloat16(), qw, s, mn), cpu_kernels.q4_mm(x.bfloat16().float(), qw, s, mn))
 
 
 @pytest.mark.parametrize("n,k", [(2752, 512), (512, 1376), (16, 96), (4, 32)])
@@ -57,14 +59,14 @@ def test_packing_round_trips_and_unpacks_for_prompts(n, k):
     assert torch.equal(uq.t(), q.to(torch.uint8))
     assert torch.equal(us.t(), scale.half().float()) and torch.equal(um.t(), lo.half().float())
     w = (uq.t().float().reshape(n, k // 32, 32) * us.t()[..., None] + um.t()[..., None]).reshape(n, k)
-    assert torch.equal(q4_kernel.q4_dequant(qw, s, mn), w.bfloat16())
+    assert torch.equal(cpu_kernels.q4_dequant(qw, s, mn), w.bfloat16())
 
 
 def test_a_zero_block_of_activations_gives_zero_not_nan():
     _, _, _, (qw, s, mn) = packed(8, 64)
     x = torch.zeros(1, 64)
     x[0, 40] = 1.0  # the first block all zeros (its int8 scale is 0)
-    y = q4_kernel.q4_mm(x, qw, s, mn)
+    y = cpu_kernels.q4_mm(x, qw, s, mn)
     assert torch.isfinite(y).all()
 
 
@@ -73,10 +75,34 @@ def test_int4_linear_packings_agree(rows, monkeypatch):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True)
     ours = Q.Int4Linear(lin, 32)
-    monkeypatch.setenv("LMFORGE_Q4_KERNEL", "0")
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
     theirs = Q.Int4Linear(lin, 32)
     assert ours.packing == "q4" and theirs.packing == "torch"
     assert (ours.dequantize() - theirs.dequantize()).abs().max() < 2e-3  # float16 vs bfloat16 scales
     x = torch.randn(rows, 256)
     a, b = ours(x), theirs(x)
     assert (a - b).abs().max() < 0.02 * b.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 16, 17])
+@pytest.mark.parametrize("n,k", [(16, 8), (80, 96), (1024, 512), (112, 1376)])
+def test_f32_matmul_equals_float64(rows, n, k):
+    g = torch.Generator().manual_seed(rows * n)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    packed = cpu_kernels.pack_f32(w)
+    assert packed.shape == (n // 16, k, 16)
+    y = cpu_kernels.f32_mm(x, packed)
+    ref = x.double() @ w.double().t()
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() <= 1e-5 * k ** 0.5 * ref.abs().max()
+
+
+def test_packed_f32_linear_equals_nn_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=True)
+    assert cpu_kernels.PackedF32Linear.fits(lin) and not cpu_kernels.PackedF32Linear.fits(nn.Linear(64, 40))
+    packed = cpu_kernels.PackedF32Linear(lin)
+    x = torch.randn(2, 3, 64)
+    assert torch.allclose(packed(x), lin(x), atol=1e-5)
+    with pytest.raises(RuntimeError, match="packed weights"):
+        cpu_kernels.f32_mm(torch.randn(2, 65), packed.packed)

@@ -1,18 +1,19 @@
-"""lmforge's own int4 matmul kernel (q4_kernel.cpp): few-row int4 x int8 dot products with AVX512-VNNI, the way
-llama.cpp's q4 kernels work, about 2x torch's int4 CPU kernel on this project's machine (measured in
-benchmarks/bench_decode.py and tests/inference/test_q4_kernel.py's docstring).
+"""lmforge's own CPU matmul kernels for decode (cpu_kernels.cpp), for few rows on AVX512(-VNNI) CPUs:
+  - int4 x int8 dot products (`q4_mm`, and `q4_dequant` for prompts), the way llama.cpp's q4 kernels work: torch's
+    int4 CPU kernels dequantize every weight to fp32 and multiply-add, so int4 decode was compute-bound at
+    0.70-0.77x llama.cpp's q4_0 on every shape; rounding each 32-value block of activations to int8 turns a block's
+    products into one `vpdpbusd`;
+  - fp32 weights packed in tiles of 16 output columns (`f32_mm`, `pack_f32`): the batched decode steps of a
+    server, where aten's matmul (MKL) at 8-16 rows ran at a third of the machine's multiply-add rate.
 
-Owns: whether this machine can use it (`available`), building it on first use with the machine's C++ compiler
+Owns: whether this machine can use them (`available`), building them on first use with the machine's C++ compiler
 into lmforge's compile cache (a shared library per source, flags and torch version: a second start only loads it),
-loading it (`load`: registers the torch operator `lmforge::lmforge_q4_mm` and its shape function, so eager code
-and torch.export both call it), and the Inductor options that let an AOTInductor package call its C function
-directly (`aoti_options`). Quantization (model/quantize.py) decides which layers use it and packs their weights.
-
-Why a kernel of our own: torch's int4 CPU kernels (eager `_weight_int4pack_mm_for_cpu`, and Inductor's int4
-GEMM template) dequantize every weight to fp32 and multiply-add, so int4 decode was compute-bound at 0.70-0.77x
-llama.cpp's q4_0 on every shape; rounding each 32-value block of activations to int8 (as llama.cpp does) turns a
-block's products into one `vpdpbusd`. Only CPUs with AVX512 (F, BW, VL), AVX512-VNNI and F16C; elsewhere int4
-layers keep torch's kernel.
+loading them (`load`: registers the torch operators `lmforge::lmforge_*` and their shape functions, so eager code
+and torch.export both call them), and the Inductor options that let an AOTInductor package call their C functions
+directly (`aoti_options`). Quantization (model/quantize.py) decides which layers use the int4 kernel and packs
+their weights; the decode packages (inference/decode.py) swap fp32 projections for `PackedF32Linear`.
+Only CPUs with AVX512 (F, BW, VL), AVX512-VNNI and F16C; elsewhere torch's kernels are used. LMFORGE_CPU_KERNELS=0
+turns them off.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ import torch
 
 log = logging.getLogger("lmforge.quantize")
 
-SOURCE = Path(__file__).with_name("q4_kernel.cpp")
-LIBRARY = "lmforge_q4"  # liblmforge_q4.so; AOTInductor packages link it by this name
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+LIBRARY = "lmforge_cpu"  # liblmforge_cpu.so; AOTInductor packages link it by this name
 C_SHIMS = {  # operator -> the C function AOTInductor packages call for it
     "lmforge_q4_mm": "AOTITorchError aoti_torch_cpu_lmforge_q4_mm(AtenTensorHandle x, AtenTensorHandle qweight, "
                      "AtenTensorHandle scales, AtenTensorHandle mins, AtenTensorHandle* ret0)",
     "lmforge_q4_dequant": "AOTITorchError aoti_torch_cpu_lmforge_q4_dequant(AtenTensorHandle qweight, "
                           "AtenTensorHandle scales, AtenTensorHandle mins, AtenTensorHandle* ret0)",
+    "lmforge_f32_mm": "AOTITorchError aoti_torch_cpu_lmforge_f32_mm(AtenTensorHandle x, AtenTensorHandle packed, "
+                      "AtenTensorHandle* ret0)",
 }
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -64,9 +67,9 @@ def _compiler() -> str | None:
 
 
 def available() -> bool:
-    """Whether the kernel can run here: Linux on x86-64 with the CPU features it uses, and a C++ compiler to build
-    it (LMFORGE_Q4_KERNEL=0 turns it off: int4 layers then use torch's kernel)."""
-    if os.environ.get("LMFORGE_Q4_KERNEL", "1") == "0":
+    """Whether the kernels can run here: Linux on x86-64 with the CPU features they use, and a C++ compiler to
+    build them (LMFORGE_CPU_KERNELS=0 turns them off: torch's kernels are used instead)."""
+    if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
         return False
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
@@ -90,7 +93,7 @@ def _build(out: Path) -> None:
     cmd = [_compiler(), *CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(tmp),
            f"-Wl,-soname,lib{LIBRARY}.so", *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
            "-lc10", "-ltorch_cpu"]
-    log.info("building lmforge's int4 kernel (once per torch version): %s", out)
+    log.info("building lmforge's CPU kernels (once per torch version): %s", out)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -99,7 +102,7 @@ def _build(out: Path) -> None:
 
 
 def load() -> Path:
-    """Build (first time) and load the kernel; returns the library's path. Idempotent and thread-safe."""
+    """Build (first time) and load the kernels; returns the library's path. Idempotent and thread-safe."""
     global _loaded
     if _loaded is not None:
         return _loaded
@@ -118,12 +121,16 @@ def load() -> Path:
             def _(qweight, scales, mins):
                 return qweight.new_empty((4 * qweight.shape[0], qweight.shape[1] // 2), dtype=torch.bfloat16)
 
+            @torch.library.register_fake("lmforge::lmforge_f32_mm")
+            def _(x, packed):
+                return x.new_empty((x.shape[0], packed.shape[0] * packed.shape[2]))
+
             _loaded = path
     return _loaded
 
 
 def aoti_options() -> dict:
-    """Inductor options for an AOTInductor package whose graph calls the kernel: call its C function directly
+    """Inductor options for an AOTInductor package whose graph calls the kernels: call their C functions directly
     (no dispatcher on the way) and link the library by name. The linker finds it through LIBRARY_PATH
     (`linking`); at run time it is already loaded under that name (`load`)."""
     load()
@@ -133,7 +140,7 @@ def aoti_options() -> dict:
 
 @contextlib.contextmanager
 def linking():
-    """LIBRARY_PATH names the kernel's folder while a package that calls it is built."""
+    """LIBRARY_PATH names the kernels' folder while a package that calls them is built."""
     before = os.environ.get("LIBRARY_PATH")
     os.environ["LIBRARY_PATH"] = os.pathsep.join(p for p in (str(load().parent), before) if p)
     try:
@@ -146,7 +153,7 @@ def linking():
 
 
 def q4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """y [M, N] float32 = x [M, K] @ W^T for W packed by quantize.pack_q4 (see q4_kernel.cpp)."""
+    """y [M, N] float32 = x [M, K] @ W^T for W packed by quantize.pack_q4 (see cpu_kernels.cpp)."""
     load()
     return torch.ops.lmforge.lmforge_q4_mm(x, qweight, scales, mins)
 
@@ -155,3 +162,37 @@ def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) 
     """W [N, K] in bfloat16 from quantize.pack_q4's packing."""
     load()
     return torch.ops.lmforge.lmforge_q4_dequant(qweight, scales, mins)
+
+
+F32_COLS = 16  # output columns per tile of pack_f32's layout
+
+
+def pack_f32(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] float32 (N a multiple of 16) -> [N/16, K, 16], f32_mm's layout: tiles of 16 output columns."""
+    n, k = weight.shape
+    return weight.detach().float().reshape(n // F32_COLS, F32_COLS, k).transpose(1, 2).contiguous()
+
+
+def f32_mm(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] @ W^T for `packed` = pack_f32(W)."""
+    load()
+    return torch.ops.lmforge.lmforge_f32_mm(x, packed)
+
+
+class PackedF32Linear(torch.nn.Module):
+    """An fp32 nn.Linear whose weight is packed for f32_mm (the decode packages' copy; see inference/decode.py)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", pack_f32(linear.weight))
+        self.bias = linear.bias
+
+    @staticmethod
+    def fits(linear: torch.nn.Module) -> bool:
+        return (type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32
+                and linear.out_features % F32_COLS == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = f32_mm(x.reshape(-1, self.in_features), self.packed).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias

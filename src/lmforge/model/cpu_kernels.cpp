@@ -1,4 +1,9 @@
-// lmforge's int4 matmul for few rows (decode) on CPUs with AVX512-VNNI: y [M, N] = x [M, K] @ W^T, W in blocks
+// lmforge's own matmul kernels for decode (a few rows) on CPUs with AVX512 (-VNNI), built on first use by
+// cpu_kernels.py. Two of them:
+//   lmforge_q4_mm   int4 weights (llama.cpp's q4_1 blocks) times int8-rounded activations, integer dot products
+//   lmforge_f32_mm  fp32 weights packed in column tiles, for 1-16 rows of fp32 activations
+//
+// 1. int4: the matmul for few rows (decode) on CPUs with AVX512-VNNI: y [M, N] = x [M, K] @ W^T, W in blocks
 // of 32 weights along K, w = q * scale + min with q in 0..15 (one scale and one min per block, float16).
 //
 // As llama.cpp's q4 x q8 dot products: each block of x is rounded to int8 with a scale of its own (dx = max|x|/127),
@@ -16,8 +21,16 @@
 // Two blocks (32 bytes) make one 512-bit vector: low nibbles (elements 0-15 of both) then high nibbles (16-31),
 // so the int8 activations of each pair of blocks are stored in that same order; a last odd block uses 256 bits.
 //
-// Registered as the torch operators lmforge::lmforge_q4_mm and lmforge::lmforge_q4_dequant (W in bfloat16, for
-// prompts' many rows) on CPU, and as the C functions aoti_torch_cpu_lmforge_q4_mm / _q4_dequant that AOTInductor
+// 2. fp32: y [M, N] = x [M, K] @ W^T with W packed as [N/16, K, 16]: tiles of 16 output columns, each one
+// contiguous stream. Per step along K, one 16-wide load of weights feeds a multiply-add into each row's
+// accumulator (the rows' x values broadcast), so up to 8 rows share each weight read from memory; row chunks of 8
+// go over a group of tiles while it is in cache. aten's matmul (MKL) at 16 rows of a decode step reached a third of
+// the machine's fp32 multiply-add rate on weights read from memory (the 27M model's 33 matrices, 2 threads: 16.7 ms
+// a step's matmuls, this kernel 6.4-7.0; at 1 row both this kernel and the C++ GEMM template read at the memory's
+// speed).
+//
+// Registered as torch operators (lmforge::lmforge_q4_mm, lmforge::lmforge_q4_dequant (W in bfloat16, for prompts'
+// many rows), lmforge::lmforge_f32_mm) on CPU, and as the C functions aoti_torch_cpu_lmforge_* that AOTInductor
 // packages call directly (inference/decode.py).
 
 #include <ATen/ATen.h>
@@ -258,14 +271,103 @@ at::Tensor lmforge_q4_dequant(const at::Tensor& qweight, const at::Tensor& scale
   return out;
 }
 
+
+// ---- fp32 -----------------------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int64_t COLS = 16;  // output columns per tile: one 512-bit vector of fp32
+constexpr int64_t ROW_CHUNK = 8;  // rows per pass over a tile (8 rows x 2 tiles = 16 accumulators in registers)
+constexpr int64_t TILE_GROUP = 4;  // tiles per task: each row chunk goes over them while they are in cache
+
+// T tiles (each [K, 16], contiguous) times MB rows of x, given transposed (xt [K, MB]); y rows are ldy apart
+template <int MB, int T>
+inline void f32_tiles(const float* w, const float* xt, float* y, int64_t ldy, int64_t K) {
+  __m512 acc[T][MB];
+#pragma GCC unroll 8
+  for (int j = 0; j < T; j++)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; i++) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+#pragma GCC unroll 8
+    for (int j = 0; j < T; j++) {
+      const float* wk = w + j * K * COLS + k * COLS;
+      _mm_prefetch((const char*)(wk + 8 * COLS), _MM_HINT_T0);
+      const __m512 wv = _mm512_loadu_ps(wk);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; i++) acc[j][i] = _mm512_fmadd_ps(_mm512_set1_ps(xt[k * MB + i]), wv, acc[j][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < T; j++)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; i++) _mm512_storeu_ps(y + i * ldy + j * COLS, acc[j][i]);
+}
+
+// MB rows over `tiles` consecutive tiles: 2 at a time (4 for up to 4 rows), so that enough independent
+// accumulators hide the multiply-add latency
+template <int MB>
+void f32_row_chunk(const float* w, const float* xt, float* y, int64_t ldy, int64_t K, int64_t tiles) {
+  constexpr int T = MB >= 5 ? 2 : 4;
+  int64_t j = 0;
+  for (; j + T <= tiles; j += T) f32_tiles<MB, T>(w + j * K * COLS, xt, y + j * COLS, ldy, K);
+  for (; j < tiles; j++) f32_tiles<MB, 1>(w + j * K * COLS, xt, y + j * COLS, ldy, K);
+}
+
+void f32_rows(int64_t rows, const float* w, const float* xt, float* y, int64_t ldy, int64_t K, int64_t tiles) {
+  switch (rows) {
+    case 1: f32_row_chunk<1>(w, xt, y, ldy, K, tiles); break;
+    case 2: f32_row_chunk<2>(w, xt, y, ldy, K, tiles); break;
+    case 3: f32_row_chunk<3>(w, xt, y, ldy, K, tiles); break;
+    case 4: f32_row_chunk<4>(w, xt, y, ldy, K, tiles); break;
+    case 5: f32_row_chunk<5>(w, xt, y, ldy, K, tiles); break;
+    case 6: f32_row_chunk<6>(w, xt, y, ldy, K, tiles); break;
+    case 7: f32_row_chunk<7>(w, xt, y, ldy, K, tiles); break;
+    case 8: f32_row_chunk<8>(w, xt, y, ldy, K, tiles); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+at::Tensor lmforge_f32_mm(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == COLS && packed.size(1) == x.size(1),
+              "lmforge_f32_mm: x [M, K] and packed weights [N/16, K, 16]; got ", x.sizes(), " and ", packed.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat && packed.is_contiguous(),
+              "lmforge_f32_mm: float32 x and contiguous float32 packed weights");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * COLS;
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = xc.data_ptr<float>();
+  const float* w = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> xt(M * K);  // each chunk of rows transposed to [K, rows]: one load per step broadcasts them
+  for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+    const int64_t mb = std::min(ROW_CHUNK, M - m0);
+    for (int64_t k = 0; k < K; k++)
+      for (int64_t i = 0; i < mb; i++) xt[m0 * K + k * mb + i] = xp[(m0 + i) * K + k];
+  }
+  at::parallel_for(0, (tiles + TILE_GROUP - 1) / TILE_GROUP, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t t = g * TILE_GROUP, nt = std::min(TILE_GROUP, tiles - t);
+      for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK)
+        f32_rows(std::min(ROW_CHUNK, M - m0), w + t * K * COLS, xt.data() + m0 * K, yp + m0 * N + t * COLS, N, K, nt);
+    }
+  });
+  return y;
+}
+
 TORCH_LIBRARY(lmforge, m) {
   m.def("lmforge_q4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_q4_dequant(Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("lmforge_f32_mm(Tensor x, Tensor packed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("lmforge_q4_mm", &lmforge_q4_mm);
   m.impl("lmforge_q4_dequant", &lmforge_q4_dequant);
+  m.impl("lmforge_f32_mm", &lmforge_f32_mm);
 }
 
 // The C functions AOTInductor calls (config aot_inductor.custom_ops_to_c_shims): no dispatcher on the way.
@@ -286,6 +388,15 @@ extern "C" AOTITorchError aoti_torch_cpu_lmforge_q4_mm(AtenTensorHandle x, AtenT
     using torch::aot_inductor::tensor_handle_to_tensor_pointer;
     at::Tensor y = lmforge_q4_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(qweight),
                                  *tensor_handle_to_tensor_pointer(scales), *tensor_handle_to_tensor_pointer(mins));
+    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
+  });
+}
+
+extern "C" AOTITorchError aoti_torch_cpu_lmforge_f32_mm(AtenTensorHandle x, AtenTensorHandle packed,
+                                                        AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+    at::Tensor y = lmforge_f32_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(packed));
     *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
   });
 }
