@@ -17,12 +17,13 @@ Decisions (measured on this project's 2-core EPYC; figures and commands in docs/
   (`max_autotune` with the CPP backend) packs each matrix once in the blocking it tuned for that shape.
   oneDNN's own weight-packing pass is kept out (`_without_onednn_packing`): the template packs plain tensors,
   measured as fast (session 4's A/B in docs/serve.md), and nothing depends on oneDNN's opaque tensor type.
-- fp32 projections of batches of F32_KERNEL_ROWS rows and more run on lmforge's own fp32 kernel
-  (model/cpu_kernels.py: weights packed in tiles of 16 output columns, `PackedF32Linear` swapped into the twin
-  that is exported, so the packed copy is what the package freezes): at 16 rows a step's matmuls took 6.4-7.0 ms
-  against 16.7 for aten's (MKL) and were slower still in the C++ GEMM template, which autotuning times on
-  cache-hot weights (up to 1.6x slower than aten's on weights streamed from memory). Without the kernels (another
-  CPU, LMFORGE_CPU_KERNELS=0), fp32 batches of WIDE_ROWS (8) rows and more use aten's matmuls.
+- fp32 projections run on lmforge's own fp32 kernel (model/cpu_kernels.py: weights packed in tiles of 16 output
+  columns; `PackedF32Linear` is swapped into the twin that is exported, so the packed copy is what the package
+  freezes): at 16 rows a step's matmuls took 6.4-7.0 ms against 16.7 for aten's (MKL), and the C++ GEMM template,
+  which autotuning times on cache-hot weights, was up to 1.6x slower than aten's on weights streamed from memory.
+  At 1 row the kernel ties the template (27M, alternated in one process: 3.0-4.8 ms a step both) and halves the
+  cold compile (34 against 64 s: nothing to autotune). Without the kernels (another CPU, LMFORGE_CPU_KERNELS=0),
+  fp32 batches of WIDE_ROWS (8) rows and more use aten's matmuls.
 - the price of freezing is memory: each loaded package holds its own packed copy of the weights. Packages are
   loaded while their copies fit in a quarter of the memory available (`frozen_copies_allowed`), batch 1 first;
   the batch sizes beyond that decode eagerly (and say so in the log).
@@ -73,7 +74,6 @@ INDUCTOR_OPTIONS = {
 # timings on cache-hot weights, was up to 1.6x slower on weights read from memory (27M shape, 2 threads, 8 and 16
 # rows: the 2752x512 gate/up matrix 4.7-5.9 GB/s against 7.0-7.6; at 1 row the template is the faster).
 WIDE_ROWS = 8
-F32_KERNEL_ROWS = 2  # fp32 buckets from this many rows use lmforge's fp32 kernel (at 1 row the GEMM template ties)
 FROZEN_MEMORY_FRACTION = 0.25  # of the available memory, for the packages' copies of the weights
 
 
@@ -231,29 +231,26 @@ class CompiledDecode:
         self.device = w.device
         quant = describe_weights(model)
         self.q4 = "q4" in quant  # int4 layers on lmforge's kernel: packages link it, and it loads before them
-        self.f32 = w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernels.available()
+        self.f32 = w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernels.available()  # fp32 kernel
         self.frozen_copies = frozen_copies_allowed(model)  # packages that may be loaded at once
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
             quantize="int4" if "Int4" in quant else "int8" if "Int8" in quant else "none",
-            model=dataclasses.asdict(model.cfg), weights=quant, options=self.options, code=code_digest())
+            model=dataclasses.asdict(model.cfg), weights=quant, options=self.options, code=code_digest(),
+            f32_kernel=self.f32)
         self._digest: str | None = None  # of the weights, computed at the first package
         self.graphs: dict[tuple[int, int], object] = {}  # (slots, bucket) -> the loaded package's runner
         self.compiled = 0  # packages this object compiled (the others came from disk)
 
     def inductor_options(self, dtype: torch.dtype, bucket: int) -> dict:
-        """The Inductor options a bucket's package is compiled with (see WIDE_ROWS; int4 layers packed for
-        lmforge's q4 kernel call it through its C function)."""
+        """The Inductor options a bucket's package is compiled with (see WIDE_ROWS; lmforge's CPU kernels are
+        called through their C functions)."""
         options = dict(self.options)
         if dtype == torch.float32 and bucket >= WIDE_ROWS:
             options["max_autotune_gemm_backends"] = "ATEN"
-        if self.q4 or self._packs_f32(bucket):
+        if self.q4 or self.f32:
             options.update(cpu_kernels.aoti_options())
         return options
-
-    def _packs_f32(self, bucket: int) -> bool:
-        """Whether this bucket's package runs its fp32 projections on lmforge's fp32 kernel."""
-        return self.f32 and bucket >= F32_KERNEL_ROWS
 
     def is_warm(self, slots: int, bucket: int) -> bool:
         """Whether the package for this slot count and bucket is loaded."""
@@ -300,7 +297,7 @@ class CompiledDecode:
             if self._digest is None:
                 self._digest = weights_digest(self.model)
             path = self.cache_dir / f"decode-{slots}x{bucket}-{self._digest}.pt2"
-            if self.q4 or self._packs_f32(bucket):
+            if self.q4 or self.f32:
                 cpu_kernels.load()
             if path.exists():
                 try:
@@ -323,10 +320,9 @@ class CompiledDecode:
         cap, length = torch.export.Dim("capacity", min=2, max=top), torch.export.Dim("length", min=1, max=top)
         n = cfg.n_layers
         shapes = {"rows": None, "keys": {0: length}, "k": [{2: cap}] * n, "v": [{2: cap}] * n}
-        kernels = self.q4 or self._packs_f32(bucket)
         with torch.no_grad():
             twin = _twin(self.model)
-            if self._packs_f32(bucket):
+            if self.f32:
                 _pack_f32_linears(twin)
             program = torch.export.export(_Step(twin), (rows, keys, scratch.k, scratch.v),
                                           dynamic_shapes=shapes, strict=False)
@@ -334,7 +330,7 @@ class CompiledDecode:
         _without_onednn_packing()
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.pt2")
         try:
-            with warnings.catch_warnings(), (cpu_kernels.linking() if kernels else contextlib.nullcontext()):
+            with warnings.catch_warnings(), (cpu_kernels.linking() if self.q4 or self.f32 else contextlib.nullcontext()):
                 warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation notices: not the user's to act on
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
