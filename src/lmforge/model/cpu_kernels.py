@@ -115,11 +115,11 @@ def load() -> Path:
 
             @torch.library.register_fake("lmforge::lmforge_q4_mm")
             def _(x, qweight, scales, mins):
-                return x.new_empty((x.shape[0], 4 * qweight.shape[0]), dtype=torch.float32)
+                return x.new_empty((x.shape[0], 16 * qweight.shape[0]), dtype=torch.float32)
 
             @torch.library.register_fake("lmforge::lmforge_q4_dequant")
             def _(qweight, scales, mins):
-                return qweight.new_empty((4 * qweight.shape[0], qweight.shape[1] // 2), dtype=torch.bfloat16)
+                return qweight.new_empty((16 * qweight.shape[0], qweight.shape[1] // 8), dtype=torch.bfloat16)
 
             @torch.library.register_fake("lmforge::lmforge_f32_mm")
             def _(x, packed):

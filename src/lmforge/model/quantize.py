@@ -133,38 +133,32 @@ def unpack_int4_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def pack_q4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q [n, k] in 0..15 with scale and minimum [n, k/32] -> (qweight uint8 [n/4, 2k], scales, mins float16
-    [n/4, 4 k/32]) in cpu_kernels.cpp's layout: tiles of 4 rows; per tile, pairs of blocks of the 4 rows, then an odd
-    last block; a block of 32 is 16 bytes, byte j = q[j] | q[j + 16] << 4. n must be a multiple of 4."""
+    """q [n, k] in 0..15 with scale and minimum [n, k/32] -> (qweight uint8 [n/16, 8k], scales, mins float16
+    [n/16, 16 k/32]) in cpu_kernels.cpp's layout: tiles of 16 rows; per tile, per block of 32, 4 chunks of 64 bytes
+    in which row r's 4 bytes j hold q[r, 8c + j] | q[r, 8c + 4 + j] << 4; scales and minimums per tile, per block,
+    the 16 rows'. n must be a multiple of 16."""
     n, k = q.shape
-    nb, t = k // 32, n // 4
-    qb = q.reshape(t, 4, nb, 2, 16).to(torch.uint8)
-    blocks = (qb[..., 0, :] | (qb[..., 1, :] << 4))  # t 4 nb 16
-    pairs = blocks[:, :, :nb // 2 * 2].reshape(t, 4, nb // 2, 32).transpose(1, 2)  # t np 4 32
-    parts = [pairs.reshape(t, -1)] + ([blocks[:, :, -1].reshape(t, -1)] if nb % 2 else [])
-    s = scale.to(torch.float16).reshape(t, 4, nb)
-    sp = [s[:, :, :nb // 2 * 2].reshape(t, 4, nb // 2, 2).transpose(1, 2).reshape(t, -1)]
-    sp += [s[:, :, -1]] if nb % 2 else []
-    return (torch.cat(parts, 1).contiguous(), torch.cat(sp, 1).contiguous(),
-            lo.to(torch.float16).reshape(t, 4 * nb).contiguous())
+    nb, t = k // 32, n // 16
+    qb = q.reshape(t, 16, nb, 4, 2, 4).to(torch.uint8)  # t r b c half j
+    packed = (qb[..., 0, :] | (qb[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # t b c r j
+    return (packed.reshape(t, 8 * k).contiguous(),
+            scale.to(torch.float16).reshape(t, 16, nb).transpose(1, 2).reshape(t, 16 * nb).contiguous(),
+            lo.to(torch.float16).reshape(t, 16, nb).transpose(1, 2).reshape(t, 16 * nb).contiguous())
 
 
 def unpack_q4_t(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, k: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Invert `pack_q4`, transposed: (q uint8 [k, n] in 0..15, scale and minimum float32 [k/32, n])."""
-    nb, t = k // 32, n // 4
-    np_ = nb // 2
-    pairs = qweight[:, :np_ * 4 * 32].view(t, np_, 4, 2, 16).permute(0, 2, 1, 3, 4).reshape(t, 4, np_ * 2, 16)
-    blocks = torch.cat([pairs, qweight[:, np_ * 4 * 32:].view(t, 4, 1, 16)], 2) if nb % 2 else pairs  # t 4 nb 16
-    b = blocks.reshape(n, nb, 16).permute(1, 2, 0)  # nb 16 n
-    q = torch.empty(nb, 2, 16, n, dtype=torch.uint8, device=qweight.device)
-    torch.bitwise_and(b, 15, out=q[:, 0])
-    torch.bitwise_right_shift(b, 4, out=q[:, 1])
-    s = scales.float()
-    sc = s[:, :np_ * 8].view(t, np_, 4, 2).permute(0, 2, 1, 3).reshape(t, 4, np_ * 2)
-    if nb % 2:
-        sc = torch.cat([sc, s[:, np_ * 8:].view(t, 4, 1)], 2)
-    return q.view(k, n), sc.reshape(n, nb).t(), mins.float().view(n, nb).t()
+    nb, t = k // 32, n // 16
+    w = qweight.view(t, nb, 4, 16, 4).permute(1, 2, 4, 0, 3)  # b c j t r
+    q = torch.empty(nb, 4, 2, 4, t, 16, dtype=torch.uint8, device=qweight.device)  # b c half j t r
+    torch.bitwise_and(w, 15, out=q[:, :, 0])
+    torch.bitwise_right_shift(w, 4, out=q[:, :, 1])
+
+    def per_block(v: torch.Tensor) -> torch.Tensor:
+        return v.float().view(t, nb, 16).transpose(0, 1).reshape(nb, n)
+
+    return q.view(k, n), per_block(scales), per_block(mins)
 
 
 def int4_group_size(linear: nn.Linear, group_size: int) -> int | None:
@@ -193,8 +187,8 @@ class Int4Linear(nn.Module):
         if self.packing == "q4":
             cpu_kernels.load()
             qweight, scales, mins = pack_q4(q, scale, lo)
-            self.register_buffer("qweight", qweight)  # n/4 2k uint8
-            self.register_buffer("scales", scales)  # n/4 4k/32 float16
+            self.register_buffer("qweight", qweight)  # n/16 8k uint8
+            self.register_buffer("scales", scales)  # n/16 16k/32 float16
             self.register_buffer("mins", mins)
         else:
             # torch's kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
