@@ -55,7 +55,11 @@ def test_echo_with_logprobs_scores_the_prompt_in_openais_layout(live, client):
                                             temperature=0, stream=True))
     streamed = [x for ch in chunks for x in ch.choices]
     assert "".join(x.text for x in streamed) == c.text
-    assert sum((x.logprobs.token_logprobs for x in streamed if x.logprobs), []) == lp.token_logprobs
+    # the same scores, up to float rounding: the second request may batch with other work or reuse the cached
+    # prompt, and a different matmul shape rounds differently (seen: 2e-7 apart with the bench extra installed)
+    again = sum((x.logprobs.token_logprobs for x in streamed if x.logprobs), [])
+    assert len(again) == len(lp.token_logprobs) and again[0] is None
+    assert again[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
 
 
 def test_max_tokens_0_scores_token_id_prompts(live):
