@@ -230,8 +230,11 @@ class CompiledDecode:
         w = model.model.embed_tokens.weight
         self.device = w.device
         quant = describe_weights(model)
-        self.q4 = "q4" in quant  # int4 layers on lmforge's kernel: packages link it, and it loads before them
-        self.f32 = w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernels.available()  # fp32 kernel
+        self.q4 = "q4" in quant  # int4 layers packed for lmforge's q4 kernel
+        # fp32 projections on lmforge's fp32 kernel (a quantized model has none left)
+        self.f32 = (w.device.type == "cpu" and any(map(cpu_kernels.PackedF32Linear.fits, model.modules()))
+                    and cpu_kernels.available())
+        self.kernels = self.q4 or self.f32  # packages call lmforge's CPU kernels: they load first, and link them
         self.frozen_copies = frozen_copies_allowed(model)  # packages that may be loaded at once
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),
@@ -248,7 +251,7 @@ class CompiledDecode:
         options = dict(self.options)
         if dtype == torch.float32 and bucket >= WIDE_ROWS:
             options["max_autotune_gemm_backends"] = "ATEN"
-        if self.q4 or self.f32:
+        if self.kernels:
             options.update(cpu_kernels.aoti_options())
         return options
 
@@ -297,7 +300,7 @@ class CompiledDecode:
             if self._digest is None:
                 self._digest = weights_digest(self.model)
             path = self.cache_dir / f"decode-{slots}x{bucket}-{self._digest}.pt2"
-            if self.q4 or self.f32:
+            if self.kernels:
                 cpu_kernels.load()
             if path.exists():
                 try:
@@ -326,11 +329,10 @@ class CompiledDecode:
                 _pack_f32_linears(twin)
             program = torch.export.export(_Step(twin), (rows, keys, scratch.k, scratch.v),
                                           dynamic_shapes=shapes, strict=False)
-            del twin
         _without_onednn_packing()
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.pt2")
         try:
-            with warnings.catch_warnings(), (cpu_kernels.linking() if self.q4 or self.f32 else contextlib.nullcontext()):
+            with warnings.catch_warnings(), (cpu_kernels.linking() if self.kernels else contextlib.nullcontext()):
                 warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation notices: not the user's to act on
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),

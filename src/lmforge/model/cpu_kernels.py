@@ -190,6 +190,7 @@ class PackedF32Linear(torch.nn.Module):
 
     @staticmethod
     def fits(linear: torch.nn.Module) -> bool:
+        """Whether `linear` is a plain fp32 nn.Linear whose outputs fill whole tiles."""
         return (type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32
                 and linear.out_features % F32_COLS == 0)
 
