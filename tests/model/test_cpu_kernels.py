@@ -70,7 +70,7 @@ def test_a_zero_block_of_activations_gives_zero_not_nan():
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("rows", [1, 12, 40])  # the kernel (up to Q4_MAX_ROWS), then unpacking + bf16 GEMM
+@pytest.mark.parametrize("rows", [1, 12, 40, 520])  # the kernel (up to Q4_MAX_ROWS), then unpacking + bf16 GEMM
 def test_int4_linear_packings_agree(rows, monkeypatch):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True)

@@ -17,12 +17,14 @@ int4 (Int4Linear): groups of `group_size` input columns (default 32, llama.cpp's
 min/max range each (scale = (max - min) / 15, w = q * scale + min: gpt-fast's, torchao's and llama.cpp's q4_1),
 in one of two packings, chosen when the layer is made:
   - "q4" (groups of 32 on a CPU with AVX512-VNNI): lmforge's own kernel (model/cpu_kernels.cpp), 16 bytes a block
-    plus a float16 scale and minimum; up to Q4_MAX_ROWS rows it rounds each block of activations to int8 and
-    multiplies with integer dot products, as llama.cpp does (1.5-1.6x torch's int4 kernel at one row);
+    plus a float16 scale and minimum; up to Q4_MAX_ROWS rows (prompts included) it rounds each block of
+    activations to int8 and multiplies with integer dot products, as llama.cpp does for decode and prompts alike
+    (1.5-1.6x torch's int4 kernel at one row);
   - "torch" (elsewhere): torch's CPU layout for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which reads 4 bits
     per weight and dequantizes in registers (bf16 activations, bf16 scales), up to _INT4_FUSED_MAX_ROWS rows.
-Many rows (prefill): the weight is unpacked to bf16 (W^T) once per call for the bf16 GEMM, as for int8: the
-kernels' cost grows with the rows (torch's at 512 rows ~4x the bf16 GEMM), unpacking costs about one GEMM. A
+Many rows (prefill; with lmforge's kernel only beyond Q4_MAX_ROWS): the weight is unpacked to bf16 (W^T) once
+per call for the bf16 GEMM, as for int8: torch's kernels' cost grows with the rows (at 512 rows ~4x the bf16
+GEMM), unpacking costs about one GEMM. A
 projection whose shape the kernels cannot take (out_features not a multiple of 16, in_features not a multiple of
 any group size down to 16) stays int8, and `quantize` says so.
 CPU only: the kernels and their packings are the CPU ones.
@@ -51,7 +53,9 @@ INT4_GROUP_SIZE = 32
 log = logging.getLogger("lmforge.quantize")
 _FUSED_MAX_ROWS = 16  # int8: above this many rows the dequantize + bf16 GEMM path is faster (measured)
 _INT4_FUSED_MAX_ROWS = 128  # torch's int4 kernel stays ahead of unpacking + bf16 GEMM up to about here (measured)
-Q4_MAX_ROWS = 16  # lmforge's q4 kernel: up to here; beyond, unpacking + bf16 GEMM is faster (measured)
+# lmforge's q4 kernel up to here (prompts too, in chunks), unpacking + bf16 GEMM beyond: with 16-row tiles the
+# kernel took 0.2-0.8x the time of unpacking + the bf16 GEMM from 16 to 512 rows (27M and 0.5B shapes, 2 threads)
+Q4_MAX_ROWS = 512
 _DEQUANT_CHUNK = 1 << 18  # fp32 elements per step of Int4Linear.dequantize_t (1 MB: stays in cache)
 _HAS_PACK_MM = hasattr(torch, "_weight_int8pack_mm")
 
