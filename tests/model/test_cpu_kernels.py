@@ -106,3 +106,40 @@ def test_packed_f32_linear_equals_nn_linear():
     assert torch.allclose(packed(x), lin(x), atol=1e-5)
     with pytest.raises(RuntimeError, match="packed weights"):
         cpu_kernels.f32_mm(torch.randn(2, 65), packed.packed)
+
+
+@pytest.mark.parametrize("heads,kv,d", [(8, 4, 64), (4, 4, 16), (14, 2, 64), (7, 1, 128)])
+@pytest.mark.parametrize("rows,length", [(1, 1), (3, 37), (16, 130)])
+def test_decode_attention_equals_float64(heads, kv, d, rows, length):
+    """Over strided views of a larger cache (as the KV cache gives them), with masks that skip positions (a
+    sliding window's hole, a row that sees only its first key)."""
+    g = torch.Generator().manual_seed(heads * length + rows)
+    cache_k, cache_v = torch.randn(rows + 1, kv, length + 5, d, generator=g), torch.randn(rows + 1, kv, length + 5, d, generator=g)
+    k, v = cache_k[:rows, :, :length], cache_v[:rows, :, :length]
+    q = torch.randn(rows, heads, d, generator=g)
+    mask = torch.rand(rows, length, generator=g) < 0.7
+    mask[:, 0] = True
+    mask[-1, 1:] = False
+    out = cpu_kernels.decode_attention(q, k, v, mask)
+    qd, kd, vd = q.double().view(rows, kv, heads // kv, d), k.double(), v.double()
+    s = (qd @ kd.transpose(-1, -2)) / d ** 0.5
+    ref = (s.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1) @ vd).reshape(rows, heads, d)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_decode_attention_is_what_the_model_runs_and_matches_the_matmuls(monkeypatch):
+    from lmforge.model.transformer import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 32, generator=g), torch.randn(2, 4, 50, 32, generator=g), torch.randn(2, 4, 50, 32, generator=g)
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    mask[1, ..., 20:] = False
+    calls = []
+    real = torch.ops.lmforge.lmforge_decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    ours = decode_attention(q, k, v, mask)
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    matmuls = decode_attention(q, k, v, mask)
+    assert calls == [1] and torch.allclose(ours, matmuls, atol=1e-6)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.decode_attention(q.view(2, 8, 32).double(), k, v, mask.view(2, 50))

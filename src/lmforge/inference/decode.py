@@ -234,7 +234,9 @@ class CompiledDecode:
         # fp32 projections on lmforge's fp32 kernel (a quantized model has none left)
         self.f32 = (w.device.type == "cpu" and any(map(cpu_kernels.PackedF32Linear.fits, model.modules()))
                     and cpu_kernels.available())
-        self.kernels = self.q4 or self.f32  # packages call lmforge's CPU kernels: they load first, and link them
+        # packages call lmforge's CPU kernels (the decode attention's on every CPU that has them): they load first,
+        # and the packages link them
+        self.kernels = w.device.type == "cpu" and cpu_kernels.available()
         self.frozen_copies = frozen_copies_allowed(model)  # packages that may be loaded at once
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),

@@ -322,16 +322,138 @@ at::Tensor lmforge_f32_mm(const at::Tensor& x, const at::Tensor& packed) {
   return y;
 }
 
+// ---- decode attention ---------------------------------------------------------------------------------------
+
+namespace {
+
+// e^x for x <= 0 (scores minus their maximum): 2^(x log2 e) with a degree-6 polynomial for 2^f, f in [-0.5, 0.5]
+// (relative error ~1e-7), the integer part through scalef
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace
+
+// out [B, H, D] = softmax(q k^T / sqrt(D), masked) v for one query per row: q [B, H, D], k and v [B, KV, L, D]
+// (any strides but a contiguous last dimension: views of the KV cache), mask [B, L] bool (True = attend). Each
+// group of H/KV query heads attends with its kv head: a task per (row, kv head) reads that head's keys and values
+// once for the whole group.
+at::Tensor lmforge_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& mask) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && mask.dim() == 2,
+              "lmforge_decode_attention: q [B, H, D], k and v [B, KV, L, D], mask [B, L]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % KV == 0 && D % 16 == 0 && mask.size(0) == B &&
+                  mask.size(1) == L && L > 0,
+              "lmforge_decode_attention: shapes q ", q.sizes(), " k ", k.sizes(), " mask ", mask.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  mask.scalar_type() == at::kBool && k.stride(3) == 1 && v.stride(3) == 1,
+              "lmforge_decode_attention: float32 q, k, v (last dimension contiguous) and a bool mask");
+  const at::Tensor qc = q.contiguous(), mc = mask.contiguous();
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const int64_t G = H / KV, DV = D / 16;
+  const float scale = 1.0f / std::sqrt((float)D);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mc.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(G * L);
+    std::vector<int64_t> keep(L);
+    for (int64_t task = t0; task < t1; task++) {
+      const int64_t b = task / KV, h = task % KV;
+      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const float* qb = qp + (b * H + h * G) * D;
+      int64_t n = 0;  // the attended positions
+      for (int64_t l = 0; l < L; l++)
+        if (mp[b * L + l]) keep[n++] = l;
+      float* ob = op + (b * H + h * G) * D;
+      if (n == 0) {  // nothing to attend to (a padding row): zeros, where softmax over -inf gives NaN
+        std::fill(ob, ob + G * D, 0.0f);
+        continue;
+      }
+      // scores: each key row read once for the G query heads
+      for (int64_t i = 0; i < n; i++) {
+        const float* kr = kb + keep[i] * k.stride(2);
+        for (int64_t g = 0; g < G; g++) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < DV; d++)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qb + g * D + d * 16), _mm512_loadu_ps(kr + d * 16), acc);
+          s[g * L + i] = _mm512_reduce_add_ps(acc) * scale;
+        }
+      }
+      // softmax per query head, vectorized over positions
+      for (int64_t g = 0; g < G; g++) {
+        float* sg = s.data() + g * L;
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < n; i++) mx = std::max(mx, sg[i]);
+        const __m512 vmx = _mm512_set1_ps(mx);
+        __m512 vsum = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+          const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + i), vmx));
+          _mm512_storeu_ps(sg + i, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        if (i < n) {
+          const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+          const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), vmx));
+          _mm512_mask_storeu_ps(sg + i, m, e);
+          vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+        for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+      }
+      // out[g] = sum_i p[g, i] v[i]: each value row read once for the G heads, D/16 accumulators a head
+      for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        const int64_t gn = std::min<int64_t>(4, G - g0);
+        for (int64_t d0 = 0; d0 < DV; d0 += 4) {
+          const int64_t dn = std::min<int64_t>(4, DV - d0);
+          __m512 acc[4][4];
+          for (int gi = 0; gi < 4; gi++)
+            for (int di = 0; di < 4; di++) acc[gi][di] = _mm512_setzero_ps();
+          for (int64_t i = 0; i < n; i++) {
+            const float* vr = vb + keep[i] * v.stride(2) + d0 * 16;
+            for (int64_t gi = 0; gi < gn; gi++) {
+              const __m512 p = _mm512_set1_ps(s[(g0 + gi) * L + i]);
+              for (int64_t di = 0; di < dn; di++)
+                acc[gi][di] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + di * 16), acc[gi][di]);
+            }
+          }
+          for (int64_t gi = 0; gi < gn; gi++)
+            for (int64_t di = 0; di < dn; di++) _mm512_storeu_ps(ob + (g0 + gi) * D + (d0 + di) * 16, acc[gi][di]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(lmforge, m) {
   m.def("lmforge_q4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_q4_dequant(Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_f32_mm(Tensor x, Tensor packed) -> Tensor");
+  m.def("lmforge_decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("lmforge_q4_mm", &lmforge_q4_mm);
   m.impl("lmforge_q4_dequant", &lmforge_q4_dequant);
   m.impl("lmforge_f32_mm", &lmforge_f32_mm);
+  m.impl("lmforge_decode_attention", &lmforge_decode_attention);
 }
 
 // The C functions AOTInductor calls (config aot_inductor.custom_ops_to_c_shims): no dispatcher on the way.
@@ -362,5 +484,16 @@ extern "C" AOTITorchError aoti_torch_cpu_lmforge_f32_mm(AtenTensorHandle x, Aten
     using torch::aot_inductor::tensor_handle_to_tensor_pointer;
     at::Tensor y = lmforge_f32_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(packed));
     *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
+  });
+}
+
+extern "C" AOTITorchError aoti_torch_cpu_lmforge_decode_attention(AtenTensorHandle q, AtenTensorHandle k,
+                                                                  AtenTensorHandle v, AtenTensorHandle mask,
+                                                                  AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+    at::Tensor o = lmforge_decode_attention(*tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(k),
+                                            *tensor_handle_to_tensor_pointer(v), *tensor_handle_to_tensor_pointer(mask));
+    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(o));
   });
 }

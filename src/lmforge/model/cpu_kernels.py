@@ -19,6 +19,7 @@ turns them off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -41,6 +42,8 @@ C_SHIMS = {  # operator -> the C function AOTInductor packages call for it
                           "AtenTensorHandle scales, AtenTensorHandle mins, AtenTensorHandle* ret0)",
     "lmforge_f32_mm": "AOTITorchError aoti_torch_cpu_lmforge_f32_mm(AtenTensorHandle x, AtenTensorHandle packed, "
                       "AtenTensorHandle* ret0)",
+    "lmforge_decode_attention": "AOTITorchError aoti_torch_cpu_lmforge_decode_attention(AtenTensorHandle q, "
+                                "AtenTensorHandle k, AtenTensorHandle v, AtenTensorHandle mask, AtenTensorHandle* ret0)",
 }
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -49,16 +52,18 @@ _LOCK = threading.Lock()
 _loaded: Path | None = None
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache  # read once: available() is asked on every decode attention call
+def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
+@functools.cache
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
         if name and shutil.which(name):
@@ -125,6 +130,10 @@ def load() -> Path:
             def _(x, packed):
                 return x.new_empty((x.shape[0], packed.shape[0] * packed.shape[2]))
 
+            @torch.library.register_fake("lmforge::lmforge_decode_attention")
+            def _(q, k, v, mask):
+                return q.new_empty(q.shape)
+
             _loaded = path
     return _loaded
 
@@ -162,6 +171,14 @@ def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) 
     """W [N, K] in bfloat16 from quantize.pack_q4's packing."""
     load()
     return torch.ops.lmforge.lmforge_q4_dequant(qweight, scales, mins)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """out [B, H, D] = softmax(q k^T / sqrt(D), masked) v for one query per row: q [B, H, D], k and v [B, KV, L, D]
+    (views of the KV cache: only the last dimension need be contiguous), mask [B, L] bool, True = attend. fp32,
+    D a multiple of 16."""
+    load()
+    return torch.ops.lmforge.lmforge_decode_attention(q, k, v, mask)
 
 
 F32_COLS = 16  # output columns per tile of pack_f32's layout
