@@ -457,43 +457,35 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
 }
 
 // The C functions AOTInductor calls (config aot_inductor.custom_ops_to_c_shims): no dispatcher on the way.
+namespace {
+
+inline const at::Tensor& tensor(AtenTensorHandle h) { return *torch::aot_inductor::tensor_handle_to_tensor_pointer(h); }
+
+template <typename Op>
+AOTITorchError shim(Op&& op, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = torch::aot_inductor::new_tensor_handle(op()); });
+}
+
+}  // namespace
+
 extern "C" AOTITorchError aoti_torch_cpu_lmforge_q4_dequant(AtenTensorHandle qweight, AtenTensorHandle scales,
                                                             AtenTensorHandle mins, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-    at::Tensor w = lmforge_q4_dequant(*tensor_handle_to_tensor_pointer(qweight), *tensor_handle_to_tensor_pointer(scales),
-                                      *tensor_handle_to_tensor_pointer(mins));
-    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(w));
-  });
+  return shim([&] { return lmforge_q4_dequant(tensor(qweight), tensor(scales), tensor(mins)); }, ret0);
 }
 
 extern "C" AOTITorchError aoti_torch_cpu_lmforge_q4_mm(AtenTensorHandle x, AtenTensorHandle qweight,
                                                        AtenTensorHandle scales, AtenTensorHandle mins,
                                                        AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-    at::Tensor y = lmforge_q4_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(qweight),
-                                 *tensor_handle_to_tensor_pointer(scales), *tensor_handle_to_tensor_pointer(mins));
-    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
-  });
+  return shim([&] { return lmforge_q4_mm(tensor(x), tensor(qweight), tensor(scales), tensor(mins)); }, ret0);
 }
 
 extern "C" AOTITorchError aoti_torch_cpu_lmforge_f32_mm(AtenTensorHandle x, AtenTensorHandle packed,
                                                         AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-    at::Tensor y = lmforge_f32_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(packed));
-    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
-  });
+  return shim([&] { return lmforge_f32_mm(tensor(x), tensor(packed)); }, ret0);
 }
 
 extern "C" AOTITorchError aoti_torch_cpu_lmforge_decode_attention(AtenTensorHandle q, AtenTensorHandle k,
                                                                   AtenTensorHandle v, AtenTensorHandle mask,
                                                                   AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-    at::Tensor o = lmforge_decode_attention(*tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(k),
-                                            *tensor_handle_to_tensor_pointer(v), *tensor_handle_to_tensor_pointer(mask));
-    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(o));
-  });
+  return shim([&] { return lmforge_decode_attention(tensor(q), tensor(k), tensor(v), tensor(mask)); }, ret0);
 }
