@@ -230,13 +230,11 @@ class CompiledDecode:
         w = model.model.embed_tokens.weight
         self.device = w.device
         quant = describe_weights(model)
-        self.q4 = "q4" in quant  # int4 layers packed for lmforge's q4 kernel
-        # fp32 projections on lmforge's fp32 kernel (a quantized model has none left)
-        self.f32 = (w.device.type == "cpu" and any(map(cpu_kernels.PackedF32Linear.fits, model.modules()))
-                    and cpu_kernels.available())
-        # packages call lmforge's CPU kernels (the decode attention's on every CPU that has them): they load first,
-        # and the packages link them
+        # packages call lmforge's CPU kernels (the decode attention's on every CPU that has them, int4's for layers in
+        # its packing): they load first, and the packages link them
         self.kernels = w.device.type == "cpu" and cpu_kernels.available()
+        # fp32 projections on lmforge's fp32 kernel (a quantized model has none left)
+        self.f32 = self.kernels and any(map(cpu_kernels.PackedF32Linear.fits, model.modules()))
         self.frozen_copies = frozen_copies_allowed(model)  # packages that may be loaded at once
         self.cache_dir = use_compile_cache(
             kind="decode", dtype=str(w.dtype).removeprefix("torch."),

@@ -1,7 +1,9 @@
-// lmforge's own matmul kernels for decode (a few rows) on CPUs with AVX512 (-VNNI), built on first use by
-// cpu_kernels.py. Two of them:
-//   lmforge_q4_mm   int4 weights (llama.cpp's q4_1 blocks) times int8-rounded activations, integer dot products
-//   lmforge_f32_mm  fp32 weights packed in column tiles, for 1-16 rows of fp32 activations
+// lmforge's own kernels for decode (a few rows) on CPUs with AVX512 (-VNNI), built on first use by
+// cpu_kernels.py:
+//   lmforge_q4_mm             int4 weights (llama.cpp's q4_1 blocks) times int8-rounded activations, integer dot
+//                             products (and lmforge_q4_dequant: the weights in bf16, for calls of many rows)
+//   lmforge_f32_mm            fp32 weights packed in column tiles, for 1-16 rows of fp32 activations
+//   lmforge_decode_attention  one query per row over the KV cache (section 3, at the end)
 //
 // 1. int4: the matmul for few rows (decode) on CPUs with AVX512-VNNI: y [M, N] = x [M, K] @ W^T, W in blocks
 // of 32 weights along K, w = q * scale + min with q in 0..15 (one scale and one min per block, float16).
@@ -236,7 +238,7 @@ at::Tensor lmforge_q4_dequant(const at::Tensor& qweight, const at::Tensor& scale
   return out;
 }
 
-// ---- fp32 -----------------------------------------------------------------------------------------------------
+// ---- 2. fp32 --------------------------------------------------------------------------------------------------
 
 namespace {
 
@@ -322,7 +324,7 @@ at::Tensor lmforge_f32_mm(const at::Tensor& x, const at::Tensor& packed) {
   return y;
 }
 
-// ---- decode attention ---------------------------------------------------------------------------------------
+// ---- 3. decode attention ---------------------------------------------------------------------------------------
 
 namespace {
 

@@ -1,10 +1,12 @@
-"""lmforge's own CPU matmul kernels for decode (cpu_kernels.cpp), for few rows on AVX512(-VNNI) CPUs:
+"""lmforge's own CPU kernels for decode (cpu_kernels.cpp), on AVX512(-VNNI) CPUs:
   - int4 x int8 dot products (`q4_mm`, and `q4_dequant` for prompts), the way llama.cpp's q4 kernels work: torch's
     int4 CPU kernels dequantize every weight to fp32 and multiply-add, so int4 decode was compute-bound at
     0.70-0.77x llama.cpp's q4_0 on every shape; rounding each 32-value block of activations to int8 turns a block's
     products into one `vpdpbusd`;
   - fp32 weights packed in tiles of 16 output columns (`f32_mm`, `pack_f32`): the batched decode steps of a
     server, where aten's matmul (MKL) at 8-16 rows ran at a third of the machine's multiply-add rate.
+  - one-query attention over the KV cache (`decode_attention`): each row's kv head read once for its query heads,
+    where two batched matmuls cost 1.3-4x the time (model/transformer.py's decode_attention calls it).
 
 Owns: whether this machine can use them (`available`), building them on first use with the machine's C++ compiler
 into lmforge's compile cache (a shared library per source, flags and torch version: a second start only loads it),
