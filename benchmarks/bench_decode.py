@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         kind, spec = args.worker[0], json.loads(args.worker[1])
+        if kind == "lmforge":
+            from lmforge import huge_pages
+
+            huge_pages(True)  # as `lmforge generate` and `lmforge serve` decide it, before the first tensor
         print(json.dumps(work_lmforge(spec) if kind == "lmforge" else work_llamacpp(spec)))
         return 0
 

@@ -42,6 +42,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("import gguf", "lmforge.inference.convert:ImportConfig:run_import", "turn a GGUF file (any quant type) into a Hugging Face model directory"),
 ]
 
+TRAINING_VERBS = ("pretrain", "finetune", "tokenizer train", "prepare")  # allocation-heavy: no huge pages
+
 
 def _usage() -> str:
     width = max(len(name) for name, _, _ in COMMANDS)
@@ -84,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     name, target, summary = row
     module_name, config_name, run_name = target.split(":")
     from importlib import import_module
+
+    from lmforge import huge_pages
+
+    huge_pages(not name.startswith(TRAINING_VERBS))  # before the verb's first tensor: torch reads it once
 
     from lmforge.config import parse_config
     from lmforge.errors import LmforgeError

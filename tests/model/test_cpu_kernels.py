@@ -143,3 +143,36 @@ def test_decode_attention_is_what_the_model_runs_and_matches_the_matmuls(monkeyp
     assert calls == [1] and torch.allclose(ours, matmuls, atol=1e-6)
     with pytest.raises(RuntimeError, match="float32"):
         cpu_kernels.decode_attention(q.view(2, 8, 32).double(), k, v, mask.view(2, 50))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [16, 50, 8192])
+def test_xent_grad_matches_float64(dtype, V):
+    """Each row's loss against float64 log-softmax, and the logits overwritten by softmax - onehot (zero on ignored
+    rows), in their own dtype; vocabularies that end in a partial vector too."""
+    g = torch.Generator().manual_seed(V)
+    x = (torch.randn(37, V, generator=g) * 4).to(dtype)
+    t = torch.randint(0, V, (37,), generator=g)
+    t[[3, 4, 20]] = -100
+    keep = t != -100
+    logp = torch.log_softmax(x.double(), -1)
+    want_loss = torch.where(keep, -logp.gather(1, t.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    want_grad = logp.exp()
+    want_grad[torch.arange(37)[keep], t[keep]] -= 1
+    want_grad[~keep] = 0
+    got = x.clone()
+    loss = cpu_kernels.xent_grad_(got, t, -100)
+    assert loss.dtype == torch.float32 and got.dtype == dtype
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    # the gradient is rounded once to the logits' dtype (bf16: 8 bits of mantissa)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(got.double(), want_grad.to(dtype).double(), **tol)
+    assert not got[~keep].any()
+
+
+def test_xent_grad_refuses_a_target_outside_the_vocabulary():
+    x = torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        cpu_kernels.xent_grad_(x, torch.tensor([0, 1, 32, 2]), -100)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_kernels.xent_grad_(torch.randn(32, 4).t(), torch.tensor([0, 1, 2, 3]), -100)

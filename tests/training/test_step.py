@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data import IGNORE_INDEX
+from lmforge.model import cpu_kernels
 from lmforge.model.config import preset
 from lmforge.model.transformer import Transformer
+from lmforge.training import step
 from lmforge.training.optim import build_optimizer, param_groups
 from lmforge.training.schedule import lr_at, step_progress
 from lmforge.training.step import (
@@ -70,8 +72,13 @@ def test_loss_scale_undoes_data_parallel_averaging():
         loss_scale(0)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_matches_reference(dtype):
+def test_linear_cross_entropy_matches_reference(dtype, kernel, monkeypatch):
+    if kernel and not cpu_kernels.available():
+        pytest.skip("lmforge's CPU kernels need AVX512 and a C++ compiler")
+    if not kernel:
+        monkeypatch.setattr(step, "_fused_kernel", lambda h, w: False)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 37, 24, generator=g, requires_grad=True)
     w = torch.randn(50, 24, generator=g, requires_grad=True)

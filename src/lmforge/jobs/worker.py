@@ -31,6 +31,7 @@ import time
 import traceback
 from pathlib import Path
 
+from lmforge import huge_pages
 from lmforge.errors import LmforgeError
 from lmforge.jobs.files import write_atomic
 from lmforge.jobs.store import Store, new_id, now
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job", required=True)
     p.add_argument("--parent", type=int, default=None, help="stop when this process is gone")
     args = p.parse_args(argv)
+    huge_pages(False)  # jobs train (lmforge/__init__.py: huge pages slow training's allocations)
     signal.signal(signal.SIGTERM, _stop_now)  # the recipe's StopRequest replaces it while it trains
     if args.parent:
         watch_parent(args.parent)

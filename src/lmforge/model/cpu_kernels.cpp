@@ -3,7 +3,8 @@
 //   lmforge_q4_mm             int4 weights (llama.cpp's q4_1 blocks) times int8-rounded activations, integer dot
 //                             products (and lmforge_q4_dequant: the weights in bf16, for calls of many rows)
 //   lmforge_f32_mm            fp32 weights packed in column tiles, for 1-16 rows of fp32 activations
-//   lmforge_decode_attention  one query per row over the KV cache (section 3, at the end)
+//   lmforge_decode_attention  one query per row over the KV cache (section 3)
+//   lmforge_xent_grad_        training's loss: cross-entropy and its gradient from the logits in one pass (section 4)
 //
 // 1. int4: the matmul for few rows (decode) on CPUs with AVX512-VNNI: y [M, N] = x [M, K] @ W^T, W in blocks
 // of 32 weights along K, w = q * scale + min with q in 0..15 (one scale and one min per block, float16).
@@ -444,11 +445,96 @@ at::Tensor lmforge_decode_attention(const at::Tensor& q, const at::Tensor& k, co
   return out;
 }
 
+// ---- 4. the loss: softmax cross-entropy and its gradient in one pass over the logits ---------------------------
+
+namespace {
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(at::BFloat16* p, __m512 x, __mmask16 m) {  // round to nearest even (no NaNs here)
+  const __m512i i = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(i, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+inline __mmask16 tail(int64_t i, int64_t V) {
+  return V - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - i)) - 1);
+}
+
+template <typename T>
+void xent_rows(T* logits, const int64_t* targets, float* loss, int64_t N, int64_t V, int64_t ignore_index) {
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      T* x = logits + r * V;
+      const int64_t t = targets[r];
+      if (t == ignore_index) {  // no loss, no gradient
+        for (int64_t i = 0; i < V; i += 16) store16(x + i, _mm512_setzero_ps(), tail(i, V));
+        loss[r] = 0.0f;
+        continue;
+      }
+      __m512 vmx = _mm512_set1_ps(-INFINITY);
+      for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 m = tail(i, V);
+        vmx = _mm512_mask_max_ps(vmx, m, vmx, load16(x + i, m));
+      }
+      const float mx = _mm512_reduce_max_ps(vmx);
+      vmx = _mm512_set1_ps(mx);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 m = tail(i, V);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(load16(x + i, m), vmx))));
+      }
+      const float sum = _mm512_reduce_add_ps(vsum);
+      const float xt = static_cast<float>(x[t]);
+      loss[r] = mx + std::log(sum) - xt;
+      const __m512 inv = _mm512_set1_ps(1.0f / sum);
+      for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 m = tail(i, V);
+        store16(x + i, _mm512_mul_ps(exp_neg(_mm512_sub_ps(load16(x + i, m), vmx)), inv), m);
+      }
+      x[t] = static_cast<T>(std::exp(xt - mx) / sum - 1.0f);
+    }
+  });
+}
+
+}  // namespace
+
+// Summed-later cross-entropy of logits [N, V] (bfloat16 or float32, contiguous) against targets [N] (int64):
+// returns each row's loss, log-sum-exp minus the target's logit (float32 [N]; 0 where the target is
+// ignore_index), and overwrites the logits with the loss's gradient, softmax - onehot (0 on ignored rows), in
+// their own dtype. One task per block of rows; each row is read three times from cache (maximum, sum of
+// exponentials, gradient), where the unfused path (log_softmax to fp32, exp, subtract, cast back) streamed
+// [N, V] fp32 tensors through memory four times.
+at::Tensor lmforge_xent_grad_(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && targets.dim() == 1 &&
+                  targets.size(0) == logits.size(0) && targets.scalar_type() == at::kLong,
+              "lmforge_xent_grad_: logits [N, V] contiguous, targets [N] int64");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
+              "lmforge_xent_grad_: logits must be float32 or bfloat16");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const at::Tensor tc = targets.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; r++)
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V), "lmforge_xent_grad_: target ", tp[r],
+                " outside the vocabulary of ", V);
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  if (logits.scalar_type() == at::kFloat)
+    xent_rows(logits.data_ptr<float>(), tp, loss.data_ptr<float>(), N, V, ignore_index);
+  else
+    xent_rows(logits.data_ptr<at::BFloat16>(), tp, loss.data_ptr<float>(), N, V, ignore_index);
+  return loss;
+}
+
 TORCH_LIBRARY(lmforge, m) {
   m.def("lmforge_q4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_q4_dequant(Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_f32_mm(Tensor x, Tensor packed) -> Tensor");
   m.def("lmforge_decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("lmforge_xent_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -456,6 +542,7 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("lmforge_q4_dequant", &lmforge_q4_dequant);
   m.impl("lmforge_f32_mm", &lmforge_f32_mm);
   m.impl("lmforge_decode_attention", &lmforge_decode_attention);
+  m.impl("lmforge_xent_grad_", &lmforge_xent_grad_);
 }
 
 // The C functions AOTInductor calls (config aot_inductor.custom_ops_to_c_shims): no dispatcher on the way.

@@ -1,4 +1,4 @@
-"""lmforge's own CPU kernels for decode (cpu_kernels.cpp), on AVX512(-VNNI) CPUs:
+"""lmforge's own CPU kernels (cpu_kernels.cpp), on AVX512(-VNNI) CPUs:
   - int4 x int8 dot products (`q4_mm`, and `q4_dequant` for prompts), the way llama.cpp's q4 kernels work: torch's
     int4 CPU kernels dequantize every weight to fp32 and multiply-add, so int4 decode was compute-bound at
     0.70-0.77x llama.cpp's q4_0 on every shape; rounding each 32-value block of activations to int8 turns a block's
@@ -7,6 +7,9 @@
     server, where aten's matmul (MKL) at 8-16 rows ran at a third of the machine's multiply-add rate.
   - one-query attention over the KV cache (`decode_attention`): each row's kv head read once for its query heads,
     where two batched matmuls cost 1.3-4x the time (model/transformer.py's decode_attention calls it).
+  - training's loss (`xent_grad_`): cross-entropy and its gradient from a chunk of logits in one pass per row, in
+    place (training/step.py's fused loss calls it), where log_softmax, exp, the one-hot subtraction and the cast
+    back each streamed [tokens, vocab] fp32 tensors through memory.
 
 Owns: whether this machine can use them (`available`), building them on first use with the machine's C++ compiler
 into lmforge's compile cache (a shared library per source, flags and torch version: a second start only loads it),
@@ -136,6 +139,10 @@ def load() -> Path:
             def _(q, k, v, mask):
                 return q.new_empty(q.shape)
 
+            @torch.library.register_fake("lmforge::lmforge_xent_grad_")
+            def _(logits, targets, ignore_index):
+                return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
             _loaded = path
     return _loaded
 
@@ -181,6 +188,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     D a multiple of 16."""
     load()
     return torch.ops.lmforge.lmforge_decode_attention(q, k, v, mask)
+
+
+def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Each row's cross-entropy (float32 [N]; 0 where the target is ignore_index) of logits [N, V] (float32 or
+    bfloat16, contiguous) against targets [N]; the logits are overwritten with the gradient softmax - onehot (zero
+    rows where ignored), in their dtype. One fused pass per row (cpu_kernels.cpp, section 4)."""
+    load()
+    return torch.ops.lmforge.lmforge_xent_grad_(logits, targets, ignore_index)
 
 
 F32_COLS = 16  # output columns per tile of pack_f32's layout

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data import IGNORE_INDEX
+from lmforge.model import cpu_kernels
 
 DEFAULT_CHUNK = 512  # tokens per chunk of the fused loss: [512, V] fp32 log-probs at a time (fastest on CPU)
 GPU_CHUNK_BYTES = 2**28  # on a GPU, chunks of up to 256 MB of fp32 log-probs: few launches, no host syncs
@@ -59,6 +60,13 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
                            reduction="sum")
 
 
+def _fused_kernel(h: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether lmforge's CPU kernel computes each chunk's loss and gradient (float32 or bfloat16 on a CPU that
+    has it): one pass over the logits in place of log_softmax, exp, the one-hot subtraction and the cast."""
+    return (h.device.type == "cpu" and h.dtype == w.dtype and h.dtype in (torch.float32, torch.bfloat16)
+            and cpu_kernels.available())
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), chunked, with gradients computed in forward."""
 
@@ -72,8 +80,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         on_cpu = hidden.device.type == "cpu"
+        fused = _fused_kernel(h, w)
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            if fused:  # loss and gradient in one pass over the chunk's logits (model/cpu_kernels.cpp)
+                g = hc @ w.t()
+                total += cpu_kernels.xent_grad_(g, tc, ignore_index).sum()
+                if want_h:
+                    grad_h[s:s + chunk] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+                continue
             valid = tc != ignore_index
             # on CPU, skipping the masking when every target counts is cheaper than the check; on a GPU the
             # check would stall the stream (a host sync per chunk), so the chunk is always masked
