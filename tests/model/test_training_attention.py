@@ -5,7 +5,12 @@ and that compiled bf16 training takes it only where it should."""
 import pytest
 import torch
 
-from lmforge.model.transformer import _compiled_cpu_training, training_attention
+from lmforge.model import transformer
+from lmforge.model.config import preset
+from lmforge.model.transformer import Transformer, _compiled_cpu_training, training_attention
+from lmforge.training.compile import compile_blocks, cpu_compiler
+from lmforge.training.precision import cpu_has_bf16
+from lmforge.training.step import lm_loss_sum
 
 
 def reference(q, k, v, mask):
@@ -26,10 +31,10 @@ def packed_mask(B, T, cuts):
 
 
 @pytest.mark.parametrize("H,K", [(4, 4), (4, 2), (6, 1), (8, 4)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_training_attention_matches_float64(H, K, packed):
-    torch.manual_seed(H * 10 + K + packed)
-    B, T, D = 2, 40, 16
+@pytest.mark.parametrize("packed,T", [(False, 40), (False, 41), (True, 40)])  # causal: in two parts
+def test_training_attention_matches_float64(H, K, packed, T):
+    torch.manual_seed(H * 10 + K + packed + T)
+    B, D = 2, 16
     q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
     g = torch.randn(B, H, T, D)
     mask = packed_mask(B, T, [13, 29]) if packed else torch.ones(T, T, dtype=torch.bool).tril()[None, None]
@@ -63,3 +68,38 @@ def test_only_compiled_bf16_cpu_training_takes_the_math_attention():
         probe(q, k)
     probe(q.detach().clone().requires_grad_(), k)  # fp32: flash attention as before
     assert seen == [True, False]
+
+
+@pytest.mark.skipif(cpu_compiler() is None or not cpu_has_bf16(), reason="needs Inductor's C++ compiler and bf16")
+def test_compiled_bf16_training_step_matches_eager(monkeypatch, tmp_path):
+    """The compiled blocks (training/compile.py) take the math attention under bf16 autocast, and a training
+    step's loss and gradients stay those of eager bf16 (SDPA) to bf16's precision."""
+    monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path / "cc"))
+    calls = []
+    real = transformer.training_attention
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(transformer, "training_attention", counted)
+    cfg = preset("test").replace(n_layers=2, max_seq_len=64)
+    torch.manual_seed(0)
+    models = [Transformer(cfg) for _ in range(2)]
+    models[0].init_weights(0)
+    models[1].load_state_dict(models[0].state_dict())
+    assert compile_blocks(models[1], torch.device("cpu"), print)
+    x = torch.randint(0, cfg.vocab_size, (2, 49))
+    out = []
+    for m in models:
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss_sum(m, x[:, :-1], x[:, 1:]) / x[:, 1:].numel()
+        loss.backward()
+        out.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
+    assert calls, "the compiled blocks did not take training_attention"
+    (eager, ge), (compiled, gc) = out
+    assert compiled == pytest.approx(eager, rel=1e-2)
+    for name, g in ge.items():
+        scale = g.abs().max()
+        assert (gc[name] - g).abs().max() <= 0.1 * scale, name

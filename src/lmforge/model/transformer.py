@@ -262,15 +262,32 @@ def _compiled_cpu_training(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        is_causal: bool) -> torch.Tensor:
-    """Attention written as two 16-bit batched matmuls around an fp32 softmax (as Hugging Face's eager attention
+    """Attention written as two bf16 batched matmuls around an fp32 softmax (as Hugging Face's eager attention
     computes it under autocast), for compiled training on CPU: Inductor fuses the scaling, masking, softmax and
-    casts into the matmuls' neighbours, where scaled_dot_product_attention's CPU flash kernel runs at a third of the
-    fp32 peak. q [B, H, T, D], k, v [B, K, L, D]; mask [B or 1, 1, T, L] bool (True = attend) or None."""
+    casts into one pass over the scores, where scaled_dot_product_attention's CPU flash kernel runs at a third of
+    the fp32 peak. Causal attention goes in two halves of the queries, the first over the first half of the keys
+    only: 3/4 of the scores. q [B, H, T, D], k, v [B, K, L, D]; mask [B or 1, 1, T, L] bool (True = attend) or None.
+
+    Compiled, 8/4 heads of 64, 8 x 256 tokens, 2 threads, forward and backward: 19-22 ms (split), 27-32 (whole),
+    27.3 for scaled_dot_product_attention in fp32 (16-bit inputs are no faster there)."""
+    T, L = q.shape[2], k.shape[2]
+    if is_causal and T == L and T > 1:  # any T (a test of its parity would be a guard: a recompile per parity)
+        h = T // 2
+        first = _math_attention(q[:, :, :h], k[:, :, :h], v[:, :, :h], _causal(h, h, q.device))
+        second = _math_attention(q[:, :, h:], k, v, _causal(T - h, L, q.device))
+        return torch.cat([first, second], dim=2)
+    return _math_attention(q, k, v, _causal(T, L, q.device) if is_causal else mask)
+
+
+def _causal(T: int, L: int, device) -> torch.Tensor:
+    """[T, L] bool: the last T of L positions as queries, each seeing the keys up to its own."""
+    return torch.ones(T, L, dtype=torch.bool, device=device).tril(L - T)
+
+
+def _math_attention(q, k, v, mask):
     B, H, T, D = q.shape
     K, L = k.shape[1], k.shape[2]
     s = (q.reshape(B, K, H // K * T, D) @ k.transpose(-1, -2)).view(B, K, H // K, T, L).float() * D ** -0.5
-    if is_causal:
-        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
     if mask is not None:
         s = s.masked_fill(~(mask if mask.dim() == 2 else mask[:, :, None]), float("-inf"))
     p = s.softmax(-1).to(torch.bfloat16).view(B, K, H // K * T, L)
