@@ -1,13 +1,13 @@
-"""The math attention compiled CPU training uses under bf16 autocast (model/transformer.py: training_attention)
-against float64 attention: outputs and gradients, causal and with a packed-documents mask, every head grouping;
-and that compiled bf16 training takes it only where it should."""
+"""The math attention CPU training uses under bf16 autocast (model/transformer.py: training_attention) against
+float64 attention: outputs and gradients, causal and with a packed-documents mask, every head grouping; where it
+applies; and that a compiled bf16 training step takes it and matches eager."""
 
 import pytest
 import torch
 
 from lmforge.model import transformer
 from lmforge.model.config import preset
-from lmforge.model.transformer import Transformer, _compiled_cpu_training, training_attention
+from lmforge.model.transformer import Transformer, _cpu_training_attention, training_attention
 from lmforge.training.compile import compile_blocks, cpu_compiler
 from lmforge.training.precision import cpu_has_bf16
 from lmforge.training.step import lm_loss_sum
@@ -53,27 +53,21 @@ def test_training_attention_matches_float64(H, K, packed, T):
         assert (a.grad.double() - b.grad).abs().max() < 0.05 * scale
 
 
-def test_only_compiled_bf16_cpu_training_takes_the_math_attention():
-    q = torch.randn(1, 4, 8, 16, requires_grad=True)
-    k = torch.randn(1, 2, 8, 16)
-    assert not _compiled_cpu_training(q, k)  # eager
-    seen = []
-
-    @torch.compile(backend="eager", fullgraph=True)
-    def probe(q, k):
-        seen.append(_compiled_cpu_training(q, k))
-        return q.sum()
-
+def test_only_bf16_cpu_training_takes_the_math_attention(monkeypatch):
+    q = torch.randn(2, 4, 8, 16, requires_grad=True)
+    k = torch.randn(2, 2, 8, 16)
+    assert not _cpu_training_attention(q, k)  # fp32: scaled_dot_product_attention
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        probe(q, k)
-    probe(q.detach().clone().requires_grad_(), k)  # fp32: flash attention as before
-    assert seen == [True, False]
+        assert _cpu_training_attention(q, k)
+        assert not _cpu_training_attention(q.detach(), k)  # no gradient wanted (evaluation)
+        monkeypatch.setattr(transformer, "MATH_ATTENTION_MAX_SCORES", 2 * 4 * 8 * 8 - 1)
+        assert not _cpu_training_attention(q, k)  # scores too many to keep
 
 
 @pytest.mark.skipif(cpu_compiler() is None or not cpu_has_bf16(), reason="needs Inductor's C++ compiler and bf16")
 def test_compiled_bf16_training_step_matches_eager(monkeypatch, tmp_path):
-    """The compiled blocks (training/compile.py) take the math attention under bf16 autocast, and a training
-    step's loss and gradients stay those of eager bf16 (SDPA) to bf16's precision."""
+    """The compiled blocks (training/compile.py) take the math attention under bf16 autocast too, and a compiled
+    training step's loss and gradients are eager's to bf16's precision."""
     monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path / "cc"))
     calls = []
     real = transformer.training_attention
@@ -90,14 +84,15 @@ def test_compiled_bf16_training_step_matches_eager(monkeypatch, tmp_path):
     models[1].load_state_dict(models[0].state_dict())
     assert compile_blocks(models[1], torch.device("cpu"), print)
     x = torch.randint(0, cfg.vocab_size, (2, 49))
-    out = []
+    out, seen = [], []
     for m in models:
+        seen.append(len(calls))
         m.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = lm_loss_sum(m, x[:, :-1], x[:, 1:]) / x[:, 1:].numel()
         loss.backward()
         out.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
-    assert calls, "the compiled blocks did not take training_attention"
+    assert seen[1] > 0 and len(calls) > seen[1], "eager and compiled blocks should both take training_attention"
     (eager, ge), (compiled, gc) = out
     assert compiled == pytest.approx(eager, rel=1e-2)
     for name, g in ge.items():
