@@ -31,13 +31,13 @@ import torch
 from lmforge.model.compile_cache import use_compile_cache
 
 # Break-even points of a cold compile (docs/pretrain.md, "Compiled training"). CPU, measured on 2 cores with
-# benchmarks/bench_train.py since compiled blocks attend through bf16 matmuls (transformer.training_attention):
-# preset tiny 25 s compile / 93 ms saved per step = 272 steps (~125 s of eager training), preset small 27 s /
-# 0.2-0.5 s = 53-135 steps (a bigger model gains more per step for about the same compile time, so the smallest
-# sets the rule). With the cache warm it is ~2 s: 5-16 steps. CUDA: an estimate until benchmarks/gpu_check.sh
-# measures it (one block compiles in ~20-40 s; steps take ~0.1 s).
-BREAK_EVEN_STEPS = {"cpu": 275, "cuda": 1000}
-BREAK_EVEN_SECONDS = {"cpu": 150.0, "cuda": 300.0}
+# benchmarks/bench_train.py once eager and compiled training both attend through bf16 matmuls
+# (transformer.training_attention): preset tiny 28.5 s compile / 25 ms saved per step = 1,133 steps (~400 s of
+# eager training), preset small 30 s / 57 ms = 521 steps (a bigger model gains more per step for about the same
+# compile time, so the smallest sets the rule). With the cache warm it is ~2 s: 22-40 steps. CUDA: an estimate
+# until benchmarks/gpu_check.sh measures it (one block compiles in ~20-40 s; steps take ~0.1 s).
+BREAK_EVEN_STEPS = {"cpu": 1000, "cuda": 1000}
+BREAK_EVEN_SECONDS = {"cpu": 360.0, "cuda": 300.0}
 
 
 def cpu_compiler() -> str | None:
