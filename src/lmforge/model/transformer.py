@@ -233,7 +233,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.write_and_read(layer, k, v)  # B K L D
         dtype = q.dtype
-        if _cpu_training_attention(q, k):
+        if self.training and _cpu_training_attention(q, k):
             y = training_attention(q, k, v, ctx.mask, ctx.is_causal)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
         if q.device.type == "cpu" and dtype != torch.float32:
@@ -254,10 +254,11 @@ MATH_ATTENTION_MAX_SCORES = 2**24
 
 
 def _cpu_training_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `training_attention` takes this call: training under bf16 autocast on CPU (eager or compiled),
-    with scores small enough to keep for backward."""
+    """Whether `training_attention` takes a training-mode call: bf16 autocast on CPU (eager or compiled), with
+    scores small enough to keep for backward. Training-mode forwards without gradients take it too (DPO's and
+    KTO's reference log-probabilities), so that policy and reference attend alike."""
     B, H, T, _ = q.shape
-    return (q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.requires_grad
+    return (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and B * H * T * k.shape[2] <= MATH_ATTENTION_MAX_SCORES)
 
