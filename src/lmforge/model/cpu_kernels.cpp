@@ -1,5 +1,5 @@
-// lmforge's own kernels for decode (a few rows) on CPUs with AVX512 (-VNNI), built on first use by
-// cpu_kernels.py:
+// lmforge's own kernels for decode (a few rows) and training's loss on CPUs with AVX512 (-VNNI), built on first
+// use by cpu_kernels.py:
 //   lmforge_q4_mm             int4 weights (llama.cpp's q4_1 blocks) times int8-rounded activations, integer dot
 //                             products (and lmforge_q4_dequant: the weights in bf16, for calls of many rows)
 //   lmforge_f32_mm            fp32 weights packed in column tiles, for 1-16 rows of fp32 activations
@@ -503,7 +503,7 @@ void xent_rows(T* logits, const int64_t* targets, float* loss, int64_t N, int64_
 
 }  // namespace
 
-// Summed-later cross-entropy of logits [N, V] (bfloat16 or float32, contiguous) against targets [N] (int64):
+// Cross-entropy of logits [N, V] (bfloat16 or float32, contiguous) against targets [N] (int64):
 // returns each row's loss, log-sum-exp minus the target's logit (float32 [N]; 0 where the target is
 // ignore_index), and overwrites the logits with the loss's gradient, softmax - onehot (0 on ignored rows), in
 // their own dtype. One task per block of rows; each row is read three times from cache (maximum, sum of

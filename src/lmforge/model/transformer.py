@@ -235,16 +235,16 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.training and _cpu_training_attention(q, k):
             y = training_attention(q, k, v, ctx.mask, ctx.is_causal)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
-        if q.device.type == "cpu" and dtype != torch.float32:
-            # 16-bit attention on CPU is several times slower than fp32 (measured: 149 vs 22 us per decode call
-            # over a 256-position cache); the casts of q and the keys read cost far less
-            q, k, v = q.float(), k.float(), v.float()
-        if T == 1 and not self.training:  # decode
-            y = decode_attention(q, k, v, ctx.mask).to(dtype)
-        else:  # enable_gqa: each group of H/K query heads reads one kv head, without repeating k and v
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                               enable_gqa=self.n_kv != self.n_heads).to(dtype)
+        else:
+            if q.device.type == "cpu" and dtype != torch.float32:
+                # 16-bit attention on CPU is several times slower than fp32 (measured: 149 vs 22 us per decode call
+                # over a 256-position cache); the casts of q and the keys read cost far less
+                q, k, v = q.float(), k.float(), v.float()
+            if T == 1 and not self.training:  # decode
+                y = decode_attention(q, k, v, ctx.mask).to(dtype)
+            else:  # enable_gqa: each group of H/K query heads reads one kv head, without repeating k and v
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                                   enable_gqa=self.n_kv != self.n_heads).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
 
 

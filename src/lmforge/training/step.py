@@ -67,6 +67,32 @@ def _fused_kernel(h: torch.Tensor, w: torch.Tensor) -> bool:
             and cpu_kernels.available())
 
 
+def _kernel_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_grad: bool):
+    """(summed loss, gradient of the logits) of a chunk, in one pass over its logits (model/cpu_kernels.cpp),
+    which it overwrites with the gradient."""
+    return cpu_kernels.xent_grad_(logits, targets, ignore_index).sum(), logits
+
+
+def _torch_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, want_grad: bool):
+    """(summed loss, gradient of the logits in their dtype, or None unless want_grad) of a chunk, in torch ops."""
+    valid = targets != ignore_index
+    # on CPU, skipping the masking when every target counts is cheaper than the check; on a GPU the check would
+    # stall the stream (a host sync per chunk), so the chunk is always masked
+    all_valid = bool(valid.all()) if logits.device.type == "cpu" else False
+    safe = targets if all_valid else targets.masked_fill(~valid, 0)
+    # log-softmax straight from the compute-dtype logits: one read, one fp32 write
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # c V
+    picked = logp.gather(1, safe[:, None]).squeeze(1)
+    loss = -(picked.sum() if all_valid else (picked * valid).sum())
+    if not want_grad:
+        return loss, None
+    g = logp.exp_()  # softmax, in place
+    g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
+    if not all_valid:
+        g.mul_(valid[:, None])
+    return loss, g.to(logits.dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), chunked, with gradients computed in forward."""
 
@@ -79,37 +105,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        on_cpu = hidden.device.type == "cpu"
-        fused = _fused_kernel(h, w)
+        chunk_loss = _kernel_chunk if _fused_kernel(h, w) else _torch_chunk
         for s in range(0, n, chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            if fused:  # loss and gradient in one pass over the chunk's logits (model/cpu_kernels.cpp)
-                g = hc @ w.t()
-                total += cpu_kernels.xent_grad_(g, tc, ignore_index).sum()
-                if want_h:
-                    grad_h[s:s + chunk] = g @ w
-                if want_w:
-                    grad_w += (g.t() @ hc).float()
-                continue
-            valid = tc != ignore_index
-            # on CPU, skipping the masking when every target counts is cheaper than the check; on a GPU the
-            # check would stall the stream (a host sync per chunk), so the chunk is always masked
-            all_valid = bool(valid.all()) if on_cpu else False
-            safe = tc if all_valid else tc.masked_fill(~valid, 0)
-            # log-softmax straight from the compute-dtype logits: one read, one fp32 write
-            logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # c V
-            picked = logp.gather(1, safe[:, None]).squeeze(1)
-            total -= picked.sum() if all_valid else (picked * valid).sum()
-            if want_h or want_w:
-                g = logp.exp_()  # softmax, in place
-                g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
-                if not all_valid:
-                    g.mul_(valid[:, None])
-                g = g.to(compute_dtype)
-                if want_h:
-                    grad_h[s:s + chunk] = g @ w
-                if want_w:
-                    grad_w += (g.t() @ hc).float()
+            hc = h[s:s + chunk]
+            loss, g = chunk_loss(hc @ w.t(), targets[s:s + chunk], ignore_index, want_h or want_w)
+            total += loss
+            if want_h:
+                grad_h[s:s + chunk] = g @ w
+            if want_w:
+                grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
