@@ -176,3 +176,54 @@ def test_xent_grad_refuses_a_target_outside_the_vocabulary():
         cpu_kernels.xent_grad_(x, torch.tensor([0, 1, 32, 2]), -100)
     with pytest.raises(RuntimeError, match="contiguous"):
         cpu_kernels.xent_grad_(torch.randn(32, 4).t(), torch.tensor([0, 1, 2, 3]), -100)
+
+
+def _softmax64(s, mask, causal, scale):
+    """float64 reference: softmax(scale * s) over the allowed keys, 0 on rows that allow none."""
+    T, L = s.shape[2], s.shape[3]
+    allow = torch.ones(1, 1, T, L, dtype=torch.bool)
+    if causal:
+        allow = allow & torch.ones(T, L, dtype=torch.bool).tril(L - T)
+    if mask is not None:
+        allow = allow & mask[:, None]
+    return torch.nan_to_num((s * scale).masked_fill(~allow, float("-inf")).softmax(-1), nan=0.0)
+
+
+@pytest.mark.parametrize("B,X,T,L,causal,mask_rows", [
+    (2, 3, 5, 5, True, 0),      # causal, keys fewer than a vector
+    (2, 3, 7, 37, True, 0),     # the last 7 of 37 positions (the second part of training_attention's split)
+    (3, 2, 17, 33, False, 3),   # a mask per batch row, keys ending in a partial vector
+    (2, 4, 40, 40, True, 1),    # causal and one mask for every batch row
+    (2, 2, 3, 16, False, 0),    # neither: every key
+])
+def test_attn_softmax_matches_float64(B, X, T, L, causal, mask_rows):
+    """Probabilities and the scores' gradient against float64, each rounded once to bf16; rows that attend to
+    nothing give zeros (and zero gradients), keys no row may see exactly 0."""
+    g = torch.Generator().manual_seed(B * 100 + T + L)
+    s = (torch.randn(B, X, T, L, generator=g) * 4).bfloat16()
+    mask = None
+    if mask_rows:
+        mask = torch.rand(mask_rows, T, L, generator=g) > 0.3
+        mask[0, 1] = False  # a query that may see nothing
+    grad = torch.randn(B, X, T, L, generator=g).bfloat16()
+    got = s.clone().requires_grad_()
+    p = cpu_kernels.attn_softmax(got, mask, causal, 0.125)
+    p.backward(grad)
+    want = s.double().requires_grad_()
+    ref = _softmax64(want, mask, causal, 0.125)
+    ref.backward(grad.double())
+    assert p.dtype == torch.bfloat16 and got.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(p.double(), ref, rtol=8e-3, atol=2e-3)  # bf16: 8 bits of mantissa
+    assert not p.double()[ref == 0].any()
+    scale = want.grad.abs().max()
+    assert (got.grad.double() - torch.nan_to_num(want.grad)).abs().max() <= 1e-2 * scale
+
+
+def test_attn_softmax_refuses_bad_shapes():
+    s = torch.randn(1, 2, 4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="bfloat16, contiguous"):
+        cpu_kernels.attn_softmax(s.float(), None, True, 1.0)
+    with pytest.raises(RuntimeError, match="mask"):
+        cpu_kernels.attn_softmax(s, torch.ones(2, 4, 8, dtype=torch.bool), False, 1.0)  # 2 mask rows for 1
+    with pytest.raises(RuntimeError, match="at least as many keys"):
+        cpu_kernels.attn_softmax(torch.randn(1, 2, 8, 4).bfloat16(), None, True, 1.0)

@@ -5,7 +5,7 @@ applies; and that a compiled bf16 training step takes it and matches eager."""
 import pytest
 import torch
 
-from lmforge.model import transformer
+from lmforge.model import cpu_kernels, transformer
 from lmforge.model.config import preset
 from lmforge.model.transformer import Transformer, _cpu_training_attention, training_attention
 from lmforge.training.compile import compile_blocks, cpu_compiler
@@ -30,9 +30,13 @@ def packed_mask(B, T, cuts):
     return (same & torch.ones(T, T, dtype=torch.bool).tril())[None, None].expand(B, 1, T, T)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])  # lmforge's softmax kernel or torch's
 @pytest.mark.parametrize("H,K", [(4, 4), (4, 2), (6, 1), (8, 4)])
 @pytest.mark.parametrize("packed,T", [(False, 40), (False, 41), (True, 40)])  # causal: in two parts
-def test_training_attention_matches_float64(H, K, packed, T):
+def test_training_attention_matches_float64(H, K, packed, T, kernel, monkeypatch):
+    if kernel and not cpu_kernels.available():
+        pytest.skip("needs AVX512-VNNI and a C++ compiler")
+    monkeypatch.setattr(transformer, "_softmax_kernel", lambda: kernel)
     torch.manual_seed(H * 10 + K + packed + T)
     B, D = 2, 16
     q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
@@ -66,8 +70,9 @@ def test_only_bf16_cpu_training_takes_the_math_attention(monkeypatch):
 
 @pytest.mark.skipif(cpu_compiler() is None or not cpu_has_bf16(), reason="needs Inductor's C++ compiler and bf16")
 def test_compiled_bf16_training_step_matches_eager(monkeypatch, tmp_path):
-    """The compiled blocks (training/compile.py) take the math attention under bf16 autocast too, and a compiled
-    training step's loss and gradients are eager's to bf16's precision."""
+    """The compiled blocks (training/compile.py) take the math attention under bf16 autocast too, in one graph
+    each (no break around its softmax kernel), and a compiled training step's loss and gradients are eager's to
+    bf16's precision."""
     monkeypatch.setenv("LMFORGE_COMPILE_CACHE", str(tmp_path / "cc"))
     calls = []
     real = transformer.training_attention
@@ -83,6 +88,7 @@ def test_compiled_bf16_training_step_matches_eager(monkeypatch, tmp_path):
     models[0].init_weights(0)
     models[1].load_state_dict(models[0].state_dict())
     assert compile_blocks(models[1], torch.device("cpu"), print)
+    torch._dynamo.utils.counters.clear()
     x = torch.randint(0, cfg.vocab_size, (2, 49))
     out, seen = [], []
     for m in models:
@@ -93,6 +99,7 @@ def test_compiled_bf16_training_step_matches_eager(monkeypatch, tmp_path):
         loss.backward()
         out.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
     assert seen[1] > 0 and len(calls) > seen[1], "eager and compiled blocks should both take training_attention"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     (eager, ge), (compiled, gc) = out
     assert compiled == pytest.approx(eager, rel=1e-2)
     for name, g in ge.items():

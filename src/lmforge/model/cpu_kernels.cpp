@@ -5,6 +5,7 @@
 //   lmforge_f32_mm            fp32 weights packed in column tiles, for 1-16 rows of fp32 activations
 //   lmforge_decode_attention  one query per row over the KV cache (section 3)
 //   lmforge_xent_grad_        training's loss: cross-entropy and its gradient from the logits in one pass (section 4)
+//   lmforge_attn_softmax      training attention's scaled, masked softmax of bf16 scores, and its backward (5)
 //
 // 1. int4: the matmul for few rows (decode) on CPUs with AVX512-VNNI: y [M, N] = x [M, K] @ W^T, W in blocks
 // of 32 weights along K, w = q * scale + min with q in 0..15 (one scale and one min per block, float16).
@@ -529,12 +530,129 @@ at::Tensor lmforge_xent_grad_(at::Tensor& logits, const at::Tensor& targets, int
   return loss;
 }
 
+// ---- 5. training attention's softmax: bf16 scores to bf16 probabilities in one pass per row, and back -------
+
+namespace {
+
+// which of keys [j, j + 16) a row attends to: the first n (causal: up to its own position), and where a mask row is
+// given, those it allows
+inline __mmask16 attends(const bool* mrow, int64_t j, int64_t n) {
+  __mmask16 m = tail(j, n);
+  if (mrow != nullptr)
+    m &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(m, mrow + j), _mm_setzero_si128());
+  return m;
+}
+
+}  // namespace
+
+// p = softmax(scale * s) over each row's attended keys, 0 elsewhere (and on rows that attend to none):
+// s [B, X, T, L] bfloat16 contiguous (X heads of T queries over L keys), mask [Bm, T, L] bool (Bm 1 or B; True =
+// attend) or none, causal: the T queries are the last T of the L positions, each attending up to its own. Each row
+// is read once from memory and worked on in an fp32 buffer in cache (maximum, exponentials and their sum, scaled
+// store), with the keys past a causal row's position skipped; unfused, the fp32 copy, the scaling, the mask, the
+// softmax and the cast back each streamed the [B, X, T, L] scores through memory.
+at::Tensor lmforge_attn_softmax(const at::Tensor& s, const c10::optional<at::Tensor>& mask, bool causal,
+                                double scale) {
+  TORCH_CHECK(s.dim() == 4 && s.is_contiguous() && s.scalar_type() == at::kBFloat16,
+              "lmforge_attn_softmax: scores [B, X, T, L] bfloat16, contiguous");
+  const int64_t B = s.size(0), X = s.size(1), T = s.size(2), L = s.size(3);
+  TORCH_CHECK(L >= T || !causal, "lmforge_attn_softmax: causal needs at least as many keys as queries");
+  at::Tensor mc;
+  const bool* mp = nullptr;
+  int64_t Bm = 0;
+  if (mask.has_value() && mask->defined()) {
+    mc = mask->contiguous();
+    TORCH_CHECK(mc.scalar_type() == at::kBool && mc.dim() == 3 && mc.size(1) == T && mc.size(2) == L &&
+                    (mc.size(0) == 1 || mc.size(0) == B),
+                "lmforge_attn_softmax: mask [1 or B, T, L] bool");
+    mp = mc.data_ptr<bool>();
+    Bm = mc.size(0);
+  }
+  at::Tensor p = at::empty_like(s);
+  const at::BFloat16* sp = s.data_ptr<at::BFloat16>();
+  at::BFloat16* pp = p.data_ptr<at::BFloat16>();
+  const float sc = static_cast<float>(scale);
+  const int64_t L16 = (L + 15) / 16 * 16;
+  at::parallel_for(0, B * X * T, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(L16);
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t t = r % T, b = r / (X * T);
+      const int64_t n = causal ? t + (L - T) + 1 : L;
+      const bool* mrow = mp == nullptr ? nullptr : mp + ((Bm == 1 ? 0 : b) * T + t) * L;
+      const at::BFloat16* x = sp + r * L;
+      at::BFloat16* y = pp + r * L;
+      __m512 vmx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = attends(mrow, j, n);
+        const __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m,
+                                            _mm512_mul_ps(load16(x + j, m), _mm512_set1_ps(sc)));
+        _mm512_storeu_ps(buf.data() + j, v);
+        vmx = _mm512_max_ps(vmx, v);
+      }
+      const float mx = _mm512_reduce_max_ps(vmx);
+      if (mx == -INFINITY) {  // attends to nothing
+        for (int64_t j = 0; j < L; j += 16) store16(y + j, _mm512_setzero_ps(), tail(j, L));
+        continue;
+      }
+      vmx = _mm512_set1_ps(mx);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = attends(mrow, j, n);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + j), vmx)));
+        _mm512_storeu_ps(buf.data() + j, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+      for (int64_t j = 0; j < L; j += 16) {
+        const __m512 v = j < n ? _mm512_mul_ps(_mm512_loadu_ps(buf.data() + j), inv) : _mm512_setzero_ps();
+        store16(y + j, v, tail(j, L));
+      }
+    }
+  });
+  return p;
+}
+
+// The gradient of the scores from that of the probabilities: ds = scale * p * (dp - sum_j p dp), per row (p and dp
+// [..., L] bfloat16 contiguous, ds in bfloat16); rows attending to nothing have p = 0, so ds = 0.
+at::Tensor lmforge_attn_softmax_backward(const at::Tensor& p, const at::Tensor& dp, double scale) {
+  TORCH_CHECK(p.scalar_type() == at::kBFloat16 && dp.scalar_type() == at::kBFloat16 && p.sizes() == dp.sizes() &&
+                  p.dim() >= 1,
+              "lmforge_attn_softmax_backward: p and dp of one shape, bfloat16");
+  const at::Tensor pc = p.contiguous(), dc = dp.contiguous();
+  at::Tensor ds = at::empty_like(pc);
+  const int64_t L = pc.size(-1), R = L == 0 ? 0 : pc.numel() / L;
+  const at::BFloat16* pp = pc.data_ptr<at::BFloat16>();
+  const at::BFloat16* dpp = dc.data_ptr<at::BFloat16>();
+  at::BFloat16* out = ds.data_ptr<at::BFloat16>();
+  const __m512 vsc = _mm512_set1_ps(static_cast<float>(scale));
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const at::BFloat16* a = pp + r * L;
+      const at::BFloat16* g = dpp + r * L;
+      __m512 vdot = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; j += 16) {
+        const __mmask16 m = tail(j, L);
+        vdot = _mm512_fmadd_ps(load16(a + j, m), load16(g + j, m), vdot);
+      }
+      const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot));
+      for (int64_t j = 0; j < L; j += 16) {
+        const __mmask16 m = tail(j, L);
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(a + j, m), vsc), _mm512_sub_ps(load16(g + j, m), dot));
+        store16(out + r * L + j, v, m);
+      }
+    }
+  });
+  return ds;
+}
+
 TORCH_LIBRARY(lmforge, m) {
   m.def("lmforge_q4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_q4_dequant(Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_f32_mm(Tensor x, Tensor packed) -> Tensor");
   m.def("lmforge_decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   m.def("lmforge_xent_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor");
+  m.def("lmforge_attn_softmax(Tensor scores, Tensor? mask, bool causal, float scale) -> Tensor");
+  m.def("lmforge_attn_softmax_backward(Tensor p, Tensor dp, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -543,6 +661,8 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("lmforge_f32_mm", &lmforge_f32_mm);
   m.impl("lmforge_decode_attention", &lmforge_decode_attention);
   m.impl("lmforge_xent_grad_", &lmforge_xent_grad_);
+  m.impl("lmforge_attn_softmax", &lmforge_attn_softmax);
+  m.impl("lmforge_attn_softmax_backward", &lmforge_attn_softmax_backward);
 }
 
 // The C functions AOTInductor calls (config aot_inductor.custom_ops_to_c_shims): no dispatcher on the way.

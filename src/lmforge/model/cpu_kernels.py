@@ -9,7 +9,10 @@
     where two batched matmuls cost 1.3-4x the time (model/transformer.py's decode_attention calls it).
   - training's loss (`xent_grad_`): cross-entropy and its gradient from a chunk of logits in one pass per row, in
     place (training/step.py's fused loss calls it), where log_softmax, exp, the one-hot subtraction and the cast
-    back each streamed [tokens, vocab] fp32 tensors through memory.
+    back each streamed [tokens, vocab] fp32 tensors through memory;
+  - training attention's softmax (`attn_softmax`): the scaled, masked softmax of bf16 scores and its backward in
+    one pass per row each (model/transformer.py's training_attention calls it), where the fp32 copy, scaling,
+    mask, softmax and cast back each streamed the scores through memory.
 
 Owns: whether this machine can use them (`available`), building them on first use with the machine's C++ compiler
 into lmforge's compile cache (a shared library per source, flags and torch version: a second start only loads it),
@@ -143,6 +146,24 @@ def load() -> Path:
             def _(logits, targets, ignore_index):
                 return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
+            @torch.library.register_fake("lmforge::lmforge_attn_softmax")
+            def _(scores, mask, causal, scale):
+                return torch.empty_like(scores)
+
+            @torch.library.register_fake("lmforge::lmforge_attn_softmax_backward")
+            def _(p, dp, scale):
+                return torch.empty_like(p, memory_format=torch.contiguous_format)
+
+            def keep(ctx, inputs, output):
+                ctx.scale = inputs[3]
+                ctx.save_for_backward(output)
+
+            def backward(ctx, grad):
+                return torch.ops.lmforge.lmforge_attn_softmax_backward(ctx.saved_tensors[0], grad, ctx.scale), \
+                    None, None, None
+
+            torch.library.register_autograd("lmforge::lmforge_attn_softmax", backward, setup_context=keep)
+
             _loaded = path
     return _loaded
 
@@ -196,6 +217,15 @@ def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -
     rows where ignored), in their dtype. One fused pass per row (cpu_kernels.cpp, section 4)."""
     load()
     return torch.ops.lmforge.lmforge_xent_grad_(logits, targets, ignore_index)
+
+
+def attn_softmax(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) over each row's attended keys, bfloat16 in and out (0 where a row attends to
+    nothing): scores [B, X, T, L] contiguous, mask [1 or B, T, L] bool (True = attend) or None, causal: the T
+    queries are the last T of L positions. Differentiable (the backward is a kernel too: cpu_kernels.cpp,
+    section 5)."""
+    load()
+    return torch.ops.lmforge.lmforge_attn_softmax(scores, mask, causal, scale)
 
 
 F32_COLS = 16  # output columns per tile of pack_f32's layout
