@@ -227,3 +227,96 @@ def test_attn_softmax_refuses_bad_shapes():
         cpu_kernels.attn_softmax(s, torch.ones(2, 4, 8, dtype=torch.bool), False, 1.0)  # 2 mask rows for 1
     with pytest.raises(RuntimeError, match="at least as many keys"):
         cpu_kernels.attn_softmax(torch.randn(1, 2, 8, 4).bfloat16(), None, True, 1.0)
+
+
+@pytest.mark.parametrize("C", [16, 50, 512])
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("want_dw", [True, False])
+def test_rms_norm_matches_float64(C, bf16, want_dw):
+    """The norm (rounded once to bf16 when asked), dx and dw against float64; widths ending in a partial vector."""
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(37, C, generator=g) * 3
+    w = (torch.rand(C, generator=g) + 0.5).requires_grad_(want_dw)
+    dy = torch.randn(37, C, generator=g).to(torch.bfloat16 if bf16 else torch.float32)
+    xg = x.clone().requires_grad_()
+    y = cpu_kernels.rms_norm(xg, w, 1e-5, bf16)
+    assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    y.backward(dy)
+    x64, w64 = x.double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref.backward(dy.double())
+    tol = dict(rtol=8e-3, atol=1e-5) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ref.to(y.dtype).double(), **tol)
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    if want_dw:
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    else:
+        assert w.grad is None
+
+
+def test_rms_norm_refuses_bad_inputs():
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.rms_norm(torch.randn(4, 8).bfloat16(), torch.ones(8), 1e-5, True)
+    with pytest.raises(RuntimeError, match="weight"):
+        cpu_kernels.rms_norm(torch.randn(4, 8), torch.ones(9), 1e-5, True)
+
+
+@pytest.mark.parametrize("n", [16, 37, 4096 + 5])
+def test_swiglu_matches_float64(n):
+    """silu(gate) * up and both gradients against float64, each rounded once to bf16 (large gates of both signs:
+    the sigmoid must not overflow); lengths ending in a partial vector."""
+    g = torch.Generator().manual_seed(n)
+    gate = (torch.randn(n, generator=g) * 6).bfloat16()
+    gate[:4] = torch.tensor([-100.0, 100.0, 0.0, -0.5])
+    up = torch.randn(n, generator=g).bfloat16()
+    dy = torch.randn(n, generator=g).bfloat16()
+    got = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    y = cpu_kernels.swiglu(*got)
+    y.backward(dy)
+    want = [gate.double().requires_grad_(), up.double().requires_grad_()]
+    ref = torch.nn.functional.silu(want[0]) * want[1]
+    ref.backward(dy.double())
+    tol = dict(rtol=8e-3, atol=1e-6)  # bf16: 8 bits of mantissa
+    torch.testing.assert_close(y.double(), ref.bfloat16().double(), **tol)
+    for a, b in zip(got, want):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.double(), b.grad.bfloat16().double(), **tol)
+
+
+def test_swiglu_refuses_mismatched_inputs():
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_kernels.swiglu(torch.randn(8), torch.randn(8))
+    with pytest.raises(RuntimeError, match="one shape"):
+        cpu_kernels.swiglu(torch.randn(8).bfloat16(), torch.randn(9).bfloat16())
+
+
+@pytest.mark.parametrize("D,rows", [(64, 1), (32, 2), (40, 1)])  # 40: halves ending in a partial vector
+def test_rope_matches_float64(D, rows):
+    """Queries in the heads' view of a projection ([B, T, H, D] memory, seen [B, H, T, D]) rotated as
+    transformer.apply_rope does, rounded once to bf16, and its gradient; one table for every batch row or one each."""
+    from lmforge.model.transformer import apply_rope
+
+    g = torch.Generator().manual_seed(D + rows)
+    B, H, T = 2, 3, 7
+    x = torch.randn(B, T, H, D, generator=g).bfloat16().transpose(1, 2)
+    ang = torch.rand(rows, T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    dy = torch.randn(B, H, T, D, generator=g).bfloat16()
+    got = x.detach().requires_grad_()
+    y = cpu_kernels.rope(got, cos, sin)
+    y.backward(dy)
+    want = x.double().requires_grad_()
+    ref = apply_rope(want, cos.double()[:, None], sin.double()[:, None])
+    ref.backward(dy.double())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous() and got.grad.dtype == torch.bfloat16
+    tol = dict(rtol=8e-3, atol=1e-2)  # rounded once to bf16 (8 bits of mantissa) from sums of two products
+    torch.testing.assert_close(y.double(), ref, **tol)
+    torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+
+
+def test_rope_refuses_bad_tables():
+    x = torch.randn(1, 2, 4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        cpu_kernels.rope(x, torch.ones(1, 5, 8), torch.ones(1, 5, 8))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_kernels.rope(x.float(), torch.ones(1, 4, 8), torch.ones(1, 4, 8))

@@ -140,3 +140,13 @@ def test_schedules():
     assert lr_at(50, 0.9, **dict(kw, kind="constant")) == 1.0
     with pytest.raises(ValueError):
         lr_at(0, 0.0, 1.0, kind="linear")
+
+
+def test_fused_loss_backward_runs_once():
+    """Its gradients are scaled in place by the first backward: a second one through a retained graph raises
+    rather than scaling them twice."""
+    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.randint(0, 16, (10,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -6,6 +6,9 @@
 //   lmforge_decode_attention  one query per row over the KV cache (section 3)
 //   lmforge_xent_grad_        training's loss: cross-entropy and its gradient from the logits in one pass (section 4)
 //   lmforge_attn_softmax      training attention's scaled, masked softmax of bf16 scores, and its backward (5)
+//   lmforge_rms_norm          RMSNorm for eager training, output in bf16, and its backward (6)
+//   lmforge_swiglu            silu(gate) * up for eager training in bf16, and its backward (7)
+//   lmforge_rope              rotate-half RoPE of bf16 queries or keys for eager training, and its backward (8)
 //
 // 1. int4: the matmul for few rows (decode) on CPUs with AVX512-VNNI: y [M, N] = x [M, K] @ W^T, W in blocks
 // of 32 weights along K, w = q * scale + min with q in 0..15 (one scale and one min per block, float16).
@@ -645,6 +648,234 @@ at::Tensor lmforge_attn_softmax_backward(const at::Tensor& p, const at::Tensor& 
   return ds;
 }
 
+// ---- 6. RMSNorm for eager training: the norm in one pass per row, its output in bf16, and its backward -------
+
+// y = weight * x / sqrt(mean(x^2) + eps) per row of x [N, C] (float32, contiguous), weight [C] float32; y in
+// bfloat16 (what autocast would round it to for the matmuls it feeds) or float32; also returns 1 / rms per row
+// (float32 [N]) for the backward. Unfused, the square, mean, rsqrt, two products and autocast's cast of the
+// output for each projection that reads it streamed [N, C] fp32 tensors through memory.
+std::tuple<at::Tensor, at::Tensor> lmforge_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                                    bool bf16) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && weight.dim() == 1 &&
+                  weight.size(0) == x.size(1) && weight.scalar_type() == at::kFloat,
+              "lmforge_rms_norm: x [N, C] float32 contiguous, weight [C] float32");
+  const int64_t N = x.size(0), C = x.size(1);
+  at::Tensor y = at::empty({N, C}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  at::Tensor rstd = at::empty({N}, x.options());
+  const at::Tensor wc = weight.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
+  float* yf = bf16 ? nullptr : y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* a = xp + r * C;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t j = 0; j < C; j += 16) {
+        const __m512 v = load16(a + j, tail(j, C));
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(C) + e);
+      rp[r] = inv;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t j = 0; j < C; j += 16) {
+        const __mmask16 m = tail(j, C);
+        const __m512 v = _mm512_mul_ps(load16(wp + j, m), _mm512_mul_ps(load16(a + j, m), vinv));
+        if (bf16)
+          store16(yb + r * C + j, v, m);
+        else
+          store16(yf + r * C + j, v, m);
+      }
+    }
+  });
+  return {y, rstd};
+}
+
+namespace {
+
+// dx for rows [r0, r1), and those rows' sum of dy * x * rstd into dw_part (C floats) when dw_part is not null
+template <typename G>
+void rms_norm_rows_backward(const G* dy, const float* x, const float* w, const float* rstd, float* dx,
+                            float* dw_part, int64_t r0, int64_t r1, int64_t C) {
+  for (int64_t r = r0; r < r1; r++) {
+    const G* g = dy + r * C;
+    const float* a = x + r * C;
+    const __m512 vr = _mm512_set1_ps(rstd[r]);
+    __m512 dot = _mm512_setzero_ps();  // sum of (dy * w) * (x * rstd)
+    for (int64_t j = 0; j < C; j += 16) {
+      const __mmask16 m = tail(j, C);
+      const __m512 xh = _mm512_mul_ps(load16(a + j, m), vr);
+      dot = _mm512_fmadd_ps(_mm512_mul_ps(load16(g + j, m), load16(w + j, m)), xh, dot);
+    }
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(C));
+    for (int64_t j = 0; j < C; j += 16) {
+      const __mmask16 m = tail(j, C);
+      const __m512 xh = _mm512_mul_ps(load16(a + j, m), vr);
+      const __m512 gy = load16(g + j, m);
+      // dx = rstd * (dy * w - xh * mean(dy * w * xh))
+      const __m512 d = _mm512_mul_ps(vr, _mm512_fnmadd_ps(xh, mean, _mm512_mul_ps(gy, load16(w + j, m))));
+      store16(dx + r * C + j, d, m);
+      if (dw_part != nullptr) store16(dw_part + j, _mm512_fmadd_ps(gy, xh, load16(dw_part + j, m)), m);
+    }
+  }
+}
+
+}  // namespace
+
+// The gradients of lmforge_rms_norm: dx [N, C] float32 from dy [N, C] (bfloat16 or float32), and dw [C] float32
+// (summed over the rows in float32, a partial sum per thread) when want_dw (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> lmforge_rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                             const at::Tensor& weight, const at::Tensor& rstd,
+                                                             bool want_dw) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && dy.sizes() == x.sizes() &&
+                  (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16) &&
+                  weight.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
+              "lmforge_rms_norm_backward: dy and x [N, C] (x float32), weight and rstd float32");
+  const int64_t N = x.size(0), C = x.size(1);
+  const at::Tensor g = dy.contiguous(), wc = weight.contiguous(), rc = rstd.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));  // a range of rows each
+  at::Tensor dw_parts = want_dw ? at::zeros({parts, C}, x.options()) : at::Tensor();
+  const int64_t rows = (N + parts - 1) / parts;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      const int64_t r0 = p * rows, r1 = std::min(N, r0 + rows);
+      float* part = want_dw ? dw_parts.data_ptr<float>() + p * C : nullptr;
+      if (g.scalar_type() == at::kBFloat16)
+        rms_norm_rows_backward(g.data_ptr<at::BFloat16>(), x.data_ptr<float>(), wc.data_ptr<float>(),
+                               rc.data_ptr<float>(), dx.data_ptr<float>(), part, r0, r1, C);
+      else
+        rms_norm_rows_backward(g.data_ptr<float>(), x.data_ptr<float>(), wc.data_ptr<float>(),
+                               rc.data_ptr<float>(), dx.data_ptr<float>(), part, r0, r1, C);
+    }
+  });
+  return {dx, want_dw ? dw_parts.sum(0) : at::empty({0}, x.options())};
+}
+
+// ---- 7. SwiGLU for eager training: silu(gate) * up of bf16 projections in one pass, and its backward --------
+
+namespace {
+
+// sigmoid(g) = 1 / (1 + e^-g), from e^-|g| so that no exponential overflows
+inline __m512 sigmoid16(__m512 g) {
+  const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+  const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  return _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), r, e);  // g < 0: e / (1 + e)
+}
+
+void check_swiglu(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.sizes() == b.sizes() &&
+                  a.is_contiguous() && b.is_contiguous(),
+              what, ": tensors of one shape, bfloat16, contiguous");
+}
+
+}  // namespace
+
+// silu(gate) * up in fp32, rounded once to bfloat16 (gate, up bfloat16 of one shape, contiguous); unfused, silu
+// and the product each read and wrote the activations through memory, and silu's exponentials ran scalar-wide.
+at::Tensor lmforge_swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu(gate, up, "lmforge_swiglu");
+  at::Tensor y = at::empty_like(gate);
+  const at::BFloat16* g = gate.data_ptr<at::BFloat16>();
+  const at::BFloat16* u = up.data_ptr<at::BFloat16>();
+  at::BFloat16* out = y.data_ptr<at::BFloat16>();
+  const int64_t n = gate.numel();
+  at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t v0, int64_t v1) {
+    for (int64_t i = v0 * 16; i < std::min(n, v1 * 16); i += 16) {
+      const __mmask16 m = tail(i, n);
+      const __m512 x = load16(g + i, m);
+      store16(out + i, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid16(x)), load16(u + i, m)), m);
+    }
+  });
+  return y;
+}
+
+// d gate = dy * up * s (1 + gate (1 - s)) with s = sigmoid(gate), d up = dy * silu(gate); bfloat16 in and out
+std::tuple<at::Tensor, at::Tensor> lmforge_swiglu_backward(const at::Tensor& dy, const at::Tensor& gate,
+                                                           const at::Tensor& up) {
+  check_swiglu(gate, up, "lmforge_swiglu_backward");
+  const at::Tensor d = dy.contiguous();
+  check_swiglu(d, gate, "lmforge_swiglu_backward");
+  at::Tensor dg = at::empty_like(gate), du = at::empty_like(up);
+  const at::BFloat16* g = gate.data_ptr<at::BFloat16>();
+  const at::BFloat16* u = up.data_ptr<at::BFloat16>();
+  const at::BFloat16* dp = d.data_ptr<at::BFloat16>();
+  at::BFloat16* dgp = dg.data_ptr<at::BFloat16>();
+  at::BFloat16* dup = du.data_ptr<at::BFloat16>();
+  const int64_t n = gate.numel();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t v0, int64_t v1) {
+    for (int64_t i = v0 * 16; i < std::min(n, v1 * 16); i += 16) {
+      const __mmask16 m = tail(i, n);
+      const __m512 x = load16(g + i, m), dy16 = load16(dp + i, m);
+      const __m512 sg = sigmoid16(x);
+      store16(dup + i, _mm512_mul_ps(dy16, _mm512_mul_ps(x, sg)), m);
+      const __m512 dsilu = _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sg), one));
+      store16(dgp + i, _mm512_mul_ps(_mm512_mul_ps(dy16, load16(u + i, m)), dsilu), m);
+    }
+  });
+  return {dg, du};
+}
+
+// ---- 8. RoPE for eager training: bf16 queries or keys rotated in one pass, and the backward ------------------
+
+namespace {
+
+// rows of D: y = x * cos + rotate_half(x) * sin (sign -1), or its transpose dx = dy * cos - rotate_half(dy * sin)
+// (sign +1, the backward), for each (b, h, t) of x [B, H, T, D] (strides sx, last dimension contiguous), cos and
+// sin [Bc, T, D] float32 (Bc 1 or B); out [B, H, T, D] contiguous bfloat16
+void rope_rows(const at::BFloat16* x, const int64_t* sx, const float* cos, const float* sin, int64_t Bc,
+               at::BFloat16* out, int64_t B, int64_t H, int64_t T, int64_t D, bool backward) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, B * H * T, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
+      const at::BFloat16* a = x + b * sx[0] + h * sx[1] + t * sx[2];
+      const float* c = cos + ((Bc == 1 ? 0 : b) * T + t) * D;
+      const float* s = sin + ((Bc == 1 ? 0 : b) * T + t) * D;
+      at::BFloat16* y = out + r * D;
+      for (int64_t j = 0; j < half; j += 16) {
+        const __mmask16 m = tail(j, half);
+        const __m512 x1 = load16(a + j, m), x2 = load16(a + half + j, m);
+        const __m512 c1 = load16(c + j, m), c2 = load16(c + half + j, m);
+        const __m512 s1 = load16(s + j, m), s2 = load16(s + half + j, m);
+        if (!backward) {  // y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+          store16(y + j, _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, c1)), m);
+          store16(y + half + j, _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, c2)), m);
+        } else {  // dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1
+          store16(y + j, _mm512_fmadd_ps(x2, s2, _mm512_mul_ps(x1, c1)), m);
+          store16(y + half + j, _mm512_fnmadd_ps(x1, s1, _mm512_mul_ps(x2, c2)), m);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [B, H, T, D] bfloat16 (any strides but a contiguous last dimension: the heads' view of a projection's output)
+// rotated by cos and sin [1 or B, T, D] float32 as Llama's rotate-half RoPE does, computed in fp32 and rounded
+// once to bfloat16, contiguous (what the attention matmuls read); backward: the gradient of that map, for dy in
+// place of x. Unfused: two products with fp32 tables (so an fp32 result), the halves' copies, a negation, a
+// concatenation and the sum, each through memory, and autocast's cast back for the matmuls.
+at::Tensor lmforge_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "lmforge_rope: x [B, H, T, D] bfloat16 with a contiguous last dimension and an even D");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(1) == T && cos.size(2) == D &&
+                  (cos.size(0) == 1 || cos.size(0) == B) && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat,
+              "lmforge_rope: cos and sin [1 or B, T, D] float32");
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor out = at::empty({B, H, T, D}, x.options());
+  const int64_t strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  rope_rows(x.data_ptr<at::BFloat16>(), strides, cc.data_ptr<float>(), sc.data_ptr<float>(), cc.size(0),
+            out.data_ptr<at::BFloat16>(), B, H, T, D, backward);
+  return out;
+}
+
 TORCH_LIBRARY(lmforge, m) {
   m.def("lmforge_q4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("lmforge_q4_dequant(Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
@@ -653,6 +884,11 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("lmforge_xent_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor");
   m.def("lmforge_attn_softmax(Tensor scores, Tensor? mask, bool causal, float scale) -> Tensor");
   m.def("lmforge_attn_softmax_backward(Tensor p, Tensor dp, float scale) -> Tensor");
+  m.def("lmforge_rms_norm(Tensor x, Tensor weight, float eps, bool bf16) -> (Tensor, Tensor)");
+  m.def("lmforge_rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, bool want_dw) -> (Tensor, Tensor)");
+  m.def("lmforge_swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("lmforge_swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("lmforge_rope(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -663,6 +899,11 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("lmforge_xent_grad_", &lmforge_xent_grad_);
   m.impl("lmforge_attn_softmax", &lmforge_attn_softmax);
   m.impl("lmforge_attn_softmax_backward", &lmforge_attn_softmax_backward);
+  m.impl("lmforge_rms_norm", &lmforge_rms_norm);
+  m.impl("lmforge_rms_norm_backward", &lmforge_rms_norm_backward);
+  m.impl("lmforge_swiglu", &lmforge_swiglu);
+  m.impl("lmforge_swiglu_backward", &lmforge_swiglu_backward);
+  m.impl("lmforge_rope", &lmforge_rope);
 }
 
 // The C functions AOTInductor calls (config aot_inductor.custom_ops_to_c_shims): no dispatcher on the way.

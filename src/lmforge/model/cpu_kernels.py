@@ -12,7 +12,13 @@
     back each streamed [tokens, vocab] fp32 tensors through memory;
   - training attention's softmax (`attn_softmax`): the scaled, masked softmax of bf16 scores and its backward in
     one pass per row each (model/transformer.py's training_attention calls it), where the fp32 copy, scaling,
-    mask, softmax and cast back each streamed the scores through memory.
+    mask, softmax and cast back each streamed the scores through memory;
+  - RMSNorm for eager training (`rms_norm`), forward and backward one pass per row, its output in bf16 under
+    autocast (model/transformer.py's RMSNorm calls it), where the square, mean, rsqrt, products and autocast's
+    cast for every projection that reads the output streamed fp32 tensors through memory;
+  - SwiGLU for eager training (`swiglu`): silu(gate) * up of bf16 projections and its backward in one pass each;
+  - RoPE for eager training (`rope`): bf16 queries and keys rotated in one pass, each way, into the bf16 the
+    attention matmuls read (unfused: an fp32 result through five ops, then autocast's cast back).
 
 Owns: whether this machine can use them (`available`), building them on first use with the machine's C++ compiler
 into lmforge's compile cache (a shared library per source, flags and torch version: a second start only loads it),
@@ -164,6 +170,57 @@ def load() -> Path:
 
             torch.library.register_autograd("lmforge::lmforge_attn_softmax", backward, setup_context=keep)
 
+            @torch.library.register_fake("lmforge::lmforge_rms_norm")
+            def _(x, weight, eps, bf16):
+                return x.new_empty(x.shape, dtype=torch.bfloat16 if bf16 else torch.float32), x.new_empty(x.shape[:1])
+
+            @torch.library.register_fake("lmforge::lmforge_rms_norm_backward")
+            def _(dy, x, weight, rstd, want_dw):
+                return torch.empty_like(x), x.new_empty((x.shape[1] if want_dw else 0,))
+
+            def keep_norm(ctx, inputs, output):
+                ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+            def norm_backward(ctx, dy, _):
+                x, weight, rstd = ctx.saved_tensors
+                want_x, want_w = ctx.needs_input_grad[:2]
+                dx, dw = torch.ops.lmforge.lmforge_rms_norm_backward(dy, x, weight, rstd, want_w)
+                return dx if want_x else None, dw if want_w else None, None, None
+
+            torch.library.register_autograd("lmforge::lmforge_rms_norm", norm_backward, setup_context=keep_norm)
+
+            @torch.library.register_fake("lmforge::lmforge_swiglu")
+            def _(gate, up):
+                return torch.empty_like(gate)
+
+            @torch.library.register_fake("lmforge::lmforge_swiglu_backward")
+            def _(dy, gate, up):
+                return torch.empty_like(gate), torch.empty_like(up)
+
+            def keep_swiglu(ctx, inputs, output):
+                ctx.save_for_backward(*inputs)
+
+            def swiglu_backward(ctx, dy):
+                return torch.ops.lmforge.lmforge_swiglu_backward(dy, *ctx.saved_tensors)
+
+            torch.library.register_autograd("lmforge::lmforge_swiglu", swiglu_backward, setup_context=keep_swiglu)
+
+            @torch.library.register_fake("lmforge::lmforge_rope")
+            def _(x, cos, sin, backward):
+                return x.new_empty(x.shape)
+
+            def keep_rope(ctx, inputs, output):
+                ctx.save_for_backward(inputs[1], inputs[2])
+
+            def rope_backward(ctx, dy):
+                cos, sin = ctx.saved_tensors
+                dy = dy.to(torch.bfloat16)
+                if dy.stride(-1) != 1:  # e.g. from a transposed matmul's backward
+                    dy = dy.contiguous()
+                return torch.ops.lmforge.lmforge_rope(dy, cos, sin, True), None, None, None
+
+            torch.library.register_autograd("lmforge::lmforge_rope", rope_backward, setup_context=keep_rope)
+
             _loaded = path
     return _loaded
 
@@ -226,6 +283,29 @@ def attn_softmax(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, 
     section 5)."""
     load()
     return torch.ops.lmforge.lmforge_attn_softmax(scores, mask, causal, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension of x [N, C] (float32), weight [C] float32; the
+    result in bfloat16 (bf16) or float32. Differentiable in x and weight (the backward is a kernel too:
+    cpu_kernels.cpp, section 6)."""
+    load()
+    return torch.ops.lmforge.lmforge_rms_norm(x, weight, eps, bf16)[0]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, computed in fp32 and rounded once: gate, up bfloat16 of one shape, contiguous.
+    Differentiable (the backward is a kernel too: cpu_kernels.cpp, section 7)."""
+    load()
+    return torch.ops.lmforge.lmforge_swiglu(gate, up)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x [B, H, T, D] bfloat16 (last dimension contiguous), cos and sin [1 or B,
+    T, D] float32: computed in fp32, rounded once to bfloat16, contiguous. Differentiable in x (cpu_kernels.cpp,
+    section 8)."""
+    load()
+    return torch.ops.lmforge.lmforge_rope(x, cos, sin, False)
 
 
 F32_COLS = 16  # output columns per tile of pack_f32's layout

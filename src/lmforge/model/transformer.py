@@ -32,10 +32,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _norm_kernel(x, self.weight):
+            # under bf16 autocast every reader of the output is a matmul that rounds it to bf16: round it once here
+            y = cpu_kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps, True)
+            return y.view(x.shape)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _norm_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether RMSNorm takes lmforge's kernel (cpu_kernels.cpp, section 6): eager training under CPU bf16 autocast,
+    fp32 activations and weight. Compiled blocks keep torch's ops, which Inductor fuses with their neighbours."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and cpu_kernels.available())
+
+
+def _swiglu_kernel(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the MLP takes lmforge's SwiGLU kernel (cpu_kernels.cpp, section 7): eager training on CPU with bf16
+    projections (autocast's); compiled blocks keep torch's ops, which Inductor fuses."""
+    return (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+            and gate.is_contiguous() and up.is_contiguous() and cpu_kernels.available())
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -118,6 +137,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def _rope_kernel(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether lmforge's RoPE kernel rotates x (cpu_kernels.cpp, section 8): eager training on CPU with bf16
+    projections (autocast's) and fp32 tables, whose bf16 result the attention matmuls read (the fp32 product
+    would be rounded to just that). Compiled blocks keep torch's ops, which Inductor fuses."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and cos.dtype == torch.float32
+            and not torch.compiler.is_compiling() and x.stride(-1) == 1 and x.shape[-1] % 2 == 0
+            and cpu_kernels.available())
 
 
 class KVCache:
@@ -229,7 +257,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # B H T D
         k = k.view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # B K T D
         v = v.view(B, T, self.n_kv, self.head_size).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.training and ctx.cache is None and _rope_kernel(q, cos):
+            cos3, sin3 = cos.reshape(-1, T, self.head_size), sin.reshape(-1, T, self.head_size)
+            q, k = cpu_kernels.rope(q, cos3, sin3), cpu_kernels.rope(k, cos3, sin3)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.write_and_read(layer, k, v)  # B K L D
         dtype = q.dtype
@@ -368,6 +400,8 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.training and _swiglu_kernel(gate, up):
+            return self.down_proj(cpu_kernels.swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 

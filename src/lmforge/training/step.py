@@ -103,7 +103,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = None  # fp32: the first chunk's product converted, the others' added to it (no zeros, no copies)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk_loss = _kernel_chunk if _fused_kernel(h, w) else _torch_chunk
         for s in range(0, n, chunk):
@@ -113,16 +113,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_h:
                 grad_h[s:s + chunk] = g @ w
             if want_w:
-                grad_w += (g.t() @ hc).float()
+                grad_w = (g.t() @ hc).float() if grad_w is None else grad_w.add_(g.t() @ hc)
+        if want_w and grad_w is None:  # no tokens
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        # the gradients were computed in forward: scaled here in place (a [V, C] weight's is tens of MB); a second
+        # backward through a retained graph finds them modified and raises (autograd checks saved tensors' versions)
         grad_h, grad_w = ctx.saved_tensors
-        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+        gh = grad_h.mul_(grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
         return gh, gw, None, None, None, None
 
 
