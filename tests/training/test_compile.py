@@ -101,3 +101,25 @@ def test_compiled_lora_kto_trains_like_eager(tmp_path):
     assert all(math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-2) for a, b in zip(eager, compiled)), (eager, compiled)
     a, b = logs["--no-compile"]["val_loss_finetuned"], logs["--compile"]["val_loss_finetuned"]
     assert math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-2), (a, b)
+
+
+def test_wide_models_train_eagerly_on_a_cpu_with_lmforges_kernels(monkeypatch):
+    """From CPU_COMPILE_MAX_WIDTH up, compiled blocks are no faster than the eager kernels: auto stays eager
+    whatever the budget (the flag and LMFORGE_COMPILE still win); narrower models, other devices and CPUs without
+    the kernels keep the break-even rule."""
+    from lmforge.model import cpu_kernels
+    from lmforge.training.compile import CPU_COMPILE_MAX_WIDTH
+
+    monkeypatch.delenv("LMFORGE_COMPILE")
+    n, wide = 10 * BREAK_EVEN_STEPS["cpu"], CPU_COMPILE_MAX_WIDTH
+    monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+    want, why = decide(None, CPU, n, width=wide)
+    assert not want and "eagerly" in why
+    assert decide(None, CPU, n, width=wide // 2)[0]
+    assert decide(True, CPU, n, width=wide)[0]
+    assert decide(None, torch.device("cuda"), n, width=wide)[0]
+    monkeypatch.setenv("LMFORGE_COMPILE", "1")
+    assert decide(None, CPU, n, width=wide)[0]
+    monkeypatch.delenv("LMFORGE_COMPILE")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert decide(None, CPU, n, width=wide)[0]

@@ -11,7 +11,9 @@ When. `TrainConfig.compile` is None by default ("auto"): compile when the run's 
 break-even (`BREAK_EVEN_STEPS`): cold compile time / per-step gain, measured on the presets (docs/pretrain.md,
 "Compiled training"). The rule uses the configuration only, never a timing, so the same command always makes the
 same choice (and reproduces the same losses). A run bounded by time alone compiles when its limit exceeds
-`BREAK_EVEN_SECONDS`. --compile / --no-compile decide it outright; without either, the environment variable
+`BREAK_EVEN_SECONDS`. On a CPU that runs lmforge's eager training kernels, a model `CPU_COMPILE_MAX_WIDTH` wide
+or wider trains eagerly whatever its budget: compiled blocks are no faster there. --compile / --no-compile decide
+it outright; without either, the environment variable
 LMFORGE_COMPILE=0 (or 1) does, for every run of the process and its children (the test suite sets 0, so only the
 tests that ask for compiling compile).
 
@@ -28,16 +30,23 @@ from typing import Any
 
 import torch
 
+from lmforge.model import cpu_kernels
 from lmforge.model.compile_cache import use_compile_cache
 
 # Break-even points of a cold compile (docs/pretrain.md, "Compiled training"). CPU, measured on 2 cores with
-# benchmarks/bench_train.py once eager and compiled training both attend through bf16 matmuls
-# (transformer.training_attention): preset tiny 28.5 s compile / 25 ms saved per step = 1,133 steps (~400 s of
-# eager training), preset small 30 s / 57 ms = 521 steps (a bigger model gains more per step for about the same
-# compile time, so the smallest sets the rule). With the cache warm it is ~2 s: 22-40 steps. CUDA: an estimate
-# until benchmarks/gpu_check.sh measures it (one block compiles in ~20-40 s; steps take ~0.1 s).
+# benchmarks/bench_train.py, preset tiny: 28.5 s compile / 25 ms saved per step = 1,133 steps (~400 s of eager
+# training) when both attended through bf16 matmuls, 27.9 s / 69 ms = 403 steps once eager had lmforge's
+# training kernels (a noisy figure: compiled tiny ran 6,459-7,645 tokens/s in one run); the rule keeps the longer.
+# Wider models: see CPU_COMPILE_MAX_WIDTH. With the cache warm it is ~2 s: 22-40 steps. CUDA: an estimate until
+# benchmarks/gpu_check.sh measures it (one block compiles in ~20-40 s; steps take ~0.1 s).
 BREAK_EVEN_STEPS = {"cpu": 1000, "cuda": 1000}
 BREAK_EVEN_SECONDS = {"cpu": 360.0, "cuda": 300.0}
+# On CPUs that run lmforge's eager training kernels (model/cpu_kernels.cpp: attention's softmax, RMSNorm, SwiGLU,
+# RoPE), compiled blocks gain nothing from this width up (bench_train, preset small, hidden 512: eager 1,835
+# tokens/s, compiled 1,780 with the cache warm; SmolLM2-135M SFT, hidden 576: full 276 vs 261, LoRA 328 vs 333),
+# while preset tiny (hidden 256) still gains 1.16-1.25x: Inductor saves per-op overhead, which matters only on
+# small tensors.
+CPU_COMPILE_MAX_WIDTH = 512
 
 
 def cpu_compiler() -> str | None:
@@ -48,11 +57,13 @@ def cpu_compiler() -> str | None:
     return None
 
 
-def decide(pref: bool | None, device: torch.device, steps: int | None, seconds: float | None = None
-           ) -> tuple[bool, str]:
-    """(compile?, why) for a run of at most `steps` optimizer steps (None: unknown) or `seconds` of training.
+def decide(pref: bool | None, device: torch.device, steps: int | None, seconds: float | None = None,
+           width: int | None = None) -> tuple[bool, str]:
+    """(compile?, why) for a run of at most `steps` optimizer steps (None: unknown) or `seconds` of training, of a
+    model `width` wide (hidden size; None: unknown).
 
-    pref True/False (--compile / --no-compile) wins; None applies the break-even rule for the device type.
+    pref True/False (--compile / --no-compile) wins; None applies the break-even rule for the device type, and on
+    a CPU with lmforge's eager training kernels, models `CPU_COMPILE_MAX_WIDTH` wide or wider train eagerly.
     """
     if pref is not None:
         return bool(pref), "--compile" if pref else "--no-compile"
@@ -61,6 +72,9 @@ def decide(pref: bool | None, device: torch.device, steps: int | None, seconds: 
         on = env in ("1", "true", "yes", "on")
         return on, f"LMFORGE_COMPILE={env}"
     kind = device.type if device.type in BREAK_EVEN_STEPS else "cuda"
+    if kind == "cpu" and width is not None and width >= CPU_COMPILE_MAX_WIDTH and cpu_kernels.available():
+        return False, (f"a model {width} wide trains as fast eagerly on this CPU (lmforge's training kernels; "
+                       f"compiling pays below {CPU_COMPILE_MAX_WIDTH})")
     if steps is not None:
         need = BREAK_EVEN_STEPS[kind]
         if steps >= need:
@@ -102,7 +116,8 @@ def compile_blocks(model: torch.nn.Module, device: torch.device, log: Callable[[
 def maybe_compile(model: torch.nn.Module, pref: bool | None, device: torch.device, steps: int | None,
                   seconds: float | None, log: Callable[[str], None], dynamic: bool | None = None) -> bool:
     """Apply `decide`, log the choice and its reason, and compile the blocks if so; returns whether compiled."""
-    want, why = decide(pref, device, steps, seconds)
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    want, why = decide(pref, device, steps, seconds, getattr(cfg, "hidden_size", None))
     if not want:
         if pref is None:
             log(f"training eagerly: {why} (--compile to compile anyway)")
