@@ -103,7 +103,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = None  # fp32: the first chunk's product converted, the others' added to it (no zeros, no copies)
+        grad_w = None  # fp32: the first chunk's product converted, the others' added to it (no zeros to fill)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         chunk_loss = _kernel_chunk if _fused_kernel(h, w) else _torch_chunk
         for s in range(0, n, chunk):
